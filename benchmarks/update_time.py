@@ -1,0 +1,91 @@
+"""Time one SAC update of hyper_sac.py at the paper's sizes, split into its parts.
+
+    python benchmarks/update_time.py --critic sa-hyper --batch-size 256
+    python benchmarks/update_time.py --critic mlp --batch-size 256
+
+Reports milliseconds per critic step (target + forward + backward + Adam), per actor step with the
+critics frozen (no graph through their weights, as hyper_sac.py does) and per actor step built the
+naive way (graph through the critics' weights), on HalfCheetah-v4 shapes (obs 17, act 6).
+"""
+
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import hyper_sac  # noqa: E402
+
+
+@dataclass
+class Bench:
+    critic: hyper_sac.CriticName = "sa-hyper"
+    """critic model to time"""
+    batch_size: int = 256
+    """minibatch size"""
+    repeats: int = 20
+    """timed repetitions per part (after 3 warm-up ones)"""
+    num_threads: int = 0
+    """torch CPU threads; 0 keeps torch's default"""
+
+
+def timed(fn, repeats):
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+if __name__ == "__main__":
+    bench = tyro.cli(Bench)
+    if bench.num_threads:
+        torch.set_num_threads(bench.num_threads)
+    torch.manual_seed(0)
+    obs_dim, act_dim, n = 17, 6, bench.batch_size
+    args = hyper_sac.Args(critic=bench.critic)
+    actor = hyper_sac.Actor(obs_dim, act_dim, -torch.ones(act_dim), torch.ones(act_dim))
+    qf1, qf2 = (hyper_sac.make_critic(args, obs_dim, act_dim) for _ in range(2))
+    qf1_t, qf2_t = copy.deepcopy(qf1), copy.deepcopy(qf2)
+    q_opt = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=5e-5)
+    a_opt = torch.optim.Adam(actor.parameters(), lr=3e-4)
+    obs, act, rew, next_obs, term = torch.randn(n, obs_dim), torch.rand(n, act_dim) * 2 - 1, torch.randn(n, 1), torch.randn(n, obs_dim), torch.zeros(n, 1)
+
+    def critic_step():
+        with torch.no_grad():
+            next_a, next_logp, _ = actor.get_action(next_obs)
+            y = hyper_sac.soft_td_target(rew, term, qf1_t(next_obs, next_a), qf2_t(next_obs, next_a), next_logp, 0.2, 0.99)
+        loss = F.mse_loss(qf1(obs, act), y) + F.mse_loss(qf2(obs, act), y)
+        q_opt.zero_grad()
+        loss.backward()
+        q_opt.step()
+
+    def actor_step(freeze):
+        pi, logp, _ = actor.get_action(obs)
+        if freeze:
+            with hyper_sac.frozen(qf1, qf2):
+                q = torch.min(qf1(obs, pi), qf2(obs, pi))
+        else:
+            q = torch.min(qf1(obs, pi), qf2(obs, pi))
+        loss = (0.2 * logp - q).mean()
+        a_opt.zero_grad()
+        loss.backward()
+        a_opt.step()
+        qf1.zero_grad(set_to_none=True)
+        qf2.zero_grad(set_to_none=True)
+
+    params = sum(p.numel() for p in qf1.parameters())
+    c = timed(critic_step, bench.repeats)
+    a_frozen = timed(lambda: actor_step(True), bench.repeats)
+    a_naive = timed(lambda: actor_step(False), bench.repeats)
+    print(f"critic {bench.critic} ({params:,} params per Q), batch {n}, {torch.get_num_threads()} threads")
+    print(f"  critic step        {c:8.1f} ms")
+    print(f"  actor step, frozen {a_frozen:8.1f} ms")
+    print(f"  actor step, naive  {a_naive:8.1f} ms")
+    print(f"  full update        {c + a_frozen:8.1f} ms  (naive actor: {c + a_naive:.1f} ms)")

@@ -1,0 +1,306 @@
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hyper_sac
+from hyper_sac import Actor, Args, HyperCritic, collect_meta_samples, make_critic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "hyper_sac.py")
+CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
+TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-init-samples", "50", "--mlp-large-width", "64",
+        "--res35-blocks", "3"]  # fmt: skip
+
+
+def run(args, cwd, check=True):
+    # one torch thread: with tiny networks, threads competing for 2 cores make updates many times slower
+    proc = subprocess.run([sys.executable, SCRIPT, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def only_run_dir(cwd):
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    return run_dir
+
+
+def scalar_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+# --- networks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("critic", CRITICS)
+def test_every_critic_maps_a_batch_to_one_q_value_each(critic):
+    args = Args(critic=critic, hyper_embedding_dim=16, hyper_dynamic_hidden=8)
+    q = make_critic(args, 17, 6)
+    assert q(torch.randn(5, 17), torch.rand(5, 6)).shape == (5, 1)
+
+
+def test_paper_size_critics_have_the_papers_parameter_counts():
+    count = lambda name: sum(p.numel() for p in make_critic(Args(critic=name), 17, 6).parameters())  # noqa: E731
+    # HalfCheetah (obs 17, act 6): 8,537,346 per SA-Hyper Q (authors' shapes), 72,193 per 2x256 MLP
+    assert count("sa-hyper") == 8_537_346
+    assert count("mlp") == 72_193
+    assert 8.4e6 < count("mlp-large") < 9.5e6  # 2x2900: "about 9M weights"
+    assert 4.4e6 < count("res35") < 4.8e6  # "about 4.5M weights"
+
+
+def test_generated_weights_have_the_dynamic_networks_shapes():
+    critic = HyperCritic(17, 6, meta_is_state=True, embedding_dim=32, blocks=2, dynamic_hidden=8)
+    (w1, b1, g1), (w2, b2, g2) = critic.dynamic_weights(torch.randn(4, 17))
+    assert w1.shape == (4, 8, 6) and b1.shape == (4, 8) and g1.shape == (4, 8)
+    assert w2.shape == (4, 1, 8) and b2.shape == (4, 1) and g2.shape == (4, 1)
+    reverse = HyperCritic(17, 6, meta_is_state=False, embedding_dim=32, blocks=2, dynamic_hidden=8)
+    (w1, _, _), _ = reverse.dynamic_weights(torch.randn(4, 6))
+    assert w1.shape == (4, 8, 17)  # AS-Hyper: the action generates weights over the state
+
+
+def test_dynamic_forward_is_equation_1():
+    torch.manual_seed(0)
+    critic = HyperCritic(5, 3, meta_is_state=True, embedding_dim=16, blocks=1, dynamic_hidden=4)
+    for p in critic.parameters():  # leave the zero-init heads of the default init
+        torch.nn.init.normal_(p, std=0.3)
+    s, a = torch.randn(2, 5), torch.randn(2, 3)
+    (w1, b1, g1), (w2, b2, g2) = critic.dynamic_weights(s)
+    for i in range(2):
+        h = torch.relu((1 + g1[i]) * (w1[i] @ a[i]) + b1[i])
+        q = (1 + g2[i]) * (w2[i] @ h) + b2[i]
+        torch.testing.assert_close(critic(s, a)[i], q)
+
+
+def test_sa_hyper_gradient_depends_on_state():
+    torch.manual_seed(0)
+    critic = HyperCritic(17, 6, meta_is_state=True, embedding_dim=64, blocks=2, dynamic_hidden=32)
+    action = torch.rand(1, 6).repeat(8, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(torch.randn(8, 17), action).sum(), action)
+    cos = F.cosine_similarity(grad[:, None], grad[None], dim=-1)
+    # same action, 8 states: the action-gradients point in clearly different directions
+    assert cos.masked_fill(torch.eye(8, dtype=torch.bool), 0).abs().max() < 0.95
+
+
+def _cheetah_states(n, seed):
+    return collect_meta_samples(Args(critic="sa-hyper"), "HalfCheetah-v4", n, seed)
+
+
+def test_kaiming_init_generates_kaiming_uniform_weights_on_real_halfcheetah_states():
+    torch.manual_seed(0)
+    args = Args(critic="sa-hyper")  # paper sizes
+    critic = make_critic(args, 17, 6, meta_samples=_cheetah_states(1000, seed=200))
+    with torch.no_grad():
+        (w1, b1, g1), (w2, b2, g2) = critic.dynamic_weights(_cheetah_states(2000, seed=7))  # other states
+    # Kaiming-uniform U(+-gain sqrt(3/fan_in)) has std gain / sqrt(fan_in)
+    assert w1.pow(2).mean().sqrt().item() == pytest.approx(math.sqrt(2 / 6), rel=0.15)  # ReLU layer, fan-in 6
+    assert w2.pow(2).mean().sqrt().item() == pytest.approx(1 / math.sqrt(256), rel=0.15)  # linear output, fan-in 256
+    assert abs(w1.mean().item()) < 0.1 * math.sqrt(2 / 6)
+    for t in (b1, g1, b2, g2):  # zero biases and unit gains at initialization
+        assert t.abs().max().item() == 0.0
+
+
+def test_authors_init_reproduces_the_released_constants():
+    torch.manual_seed(0)
+    critic = make_critic(Args(critic="sa-hyper", hyper_init="authors", hyper_embedding_dim=64), 17, 6)
+    first = critic.primary.net[0]
+    assert first.weight.abs().max().item() <= 1 / math.sqrt(2 * 17)
+    assert first.weight.abs().max().item() > 0.9 / math.sqrt(2 * 17)
+    for head, bound in zip(critic.heads, (0.05, 0.008)):
+        for fc in (head.weight, head.bias, head.gain):
+            assert 0.9 * bound < fc.weight.abs().max().item() <= bound
+            assert fc.bias.abs().max().item() == 0.0
+
+
+# --- SAC pieces -------------------------------------------------------------------------------
+
+
+def test_tanh_log_prob_matches_a_transformed_distribution():
+    torch.manual_seed(0)
+    low, high = np.array([-3.0, 0.0]), np.array([3.0, 2.0])  # scale (3, 1), bias (0, 1)
+    actor = Actor(4, 2, low, high)
+    obs = torch.randn(64, 4)
+    action, log_prob, deterministic = actor.get_action(obs)
+    mean, log_std = actor(obs)
+    reference = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()),
+        [torch.distributions.TanhTransform(), torch.distributions.AffineTransform(actor.action_bias, actor.action_scale)],
+    )
+    torch.testing.assert_close(log_prob, reference.log_prob(action).sum(1, keepdim=True), atol=2e-3, rtol=1e-4)
+    assert torch.all(action >= torch.tensor(low, dtype=torch.float32)) and torch.all(action <= torch.tensor(high, dtype=torch.float32))
+    torch.testing.assert_close(deterministic, torch.tanh(mean) * actor.action_scale + actor.action_bias)
+
+
+def test_log_std_stays_within_bounds():
+    actor = Actor(4, 2, -np.ones(2), np.ones(2))
+    _, log_std = actor(1e4 * torch.randn(256, 4))
+    assert log_std.min() >= hyper_sac.LOG_STD_MIN and log_std.max() <= hyper_sac.LOG_STD_MAX
+
+
+def test_td_target_bootstraps_unless_terminated():
+    r = torch.tensor([[1.0], [1.0]])
+    terminated = torch.tensor([[0.0], [1.0]])  # a truncated transition has terminated = 0
+    q1, q2, logp = torch.tensor([[10.0], [10.0]]), torch.tensor([[8.0], [8.0]]), torch.tensor([[-1.0], [-1.0]])
+    y = hyper_sac.soft_td_target(r, terminated, q1, q2, logp, alpha=0.5, gamma=0.9)
+    torch.testing.assert_close(y, torch.tensor([[1.0 + 0.9 * (8.0 + 0.5)], [1.0]]))
+
+
+def test_polyak_update_moves_targets_by_tau():
+    online, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.1 * p + 0.9 * t for p, t in zip(online.parameters(), target.parameters())]
+    hyper_sac.polyak_update(online, target, 0.1)
+    for t, e in zip(target.parameters(), expected):
+        torch.testing.assert_close(t, e)
+
+
+@pytest.mark.parametrize("critic", ["sa-hyper", "as-hyper", "mlp"])
+def test_frozen_critic_actor_update_equals_the_naive_one(critic):
+    torch.manual_seed(0)
+    args = Args(critic=critic, hyper_embedding_dim=32, hyper_dynamic_hidden=16)
+    actor, qf1, qf2 = Actor(17, 6, -np.ones(6), np.ones(6)), make_critic(args, 17, 6), make_critic(args, 17, 6)
+    obs = torch.randn(32, 17)
+
+    def actor_grads(freeze):
+        actor.zero_grad()
+        torch.manual_seed(1)
+        pi, log_prob, _ = actor.get_action(obs)
+        if freeze:
+            with hyper_sac.frozen(qf1, qf2):
+                q = torch.min(qf1(obs, pi), qf2(obs, pi))
+        else:
+            q = torch.min(qf1(obs, pi), qf2(obs, pi))
+        (0.2 * log_prob - q).mean().backward()
+        return [p.grad.clone() for p in actor.parameters()]
+
+    naive = actor_grads(freeze=False)
+    assert any(p.grad is not None for p in qf1.parameters())  # the naive loss did reach the critic
+    qf1.zero_grad(set_to_none=True)
+    qf2.zero_grad(set_to_none=True)
+    fast = actor_grads(freeze=True)
+    for a, b in zip(naive, fast):
+        torch.testing.assert_close(a, b)
+    assert all(p.grad is None for p in [*qf1.parameters(), *qf2.parameters()])
+    assert all(p.requires_grad for p in qf1.parameters())  # restored after the block
+
+
+def test_replay_buffer_round_trips_through_its_state_dict():
+    rb = hyper_sac.ReplayBuffer(10, 2, 1, seed=0)
+    for i in range(13):  # wraps around
+        rb.add(np.full(2, i), np.full(2, i + 1), np.full(1, -i), float(i), i % 2 == 0)
+    copy = hyper_sac.ReplayBuffer(10, 2, 1, seed=99)
+    copy.load_state_dict(rb.state_dict())
+    for a, b in zip(rb.sample(6, "cpu"), copy.sample(6, "cpu")):
+        torch.testing.assert_close(a, b)
+    obs, actions, rewards, next_obs, terms = rb.sample(50, "cpu")
+    torch.testing.assert_close(next_obs, obs + 1)
+    torch.testing.assert_close(actions[:, 0], -obs[:, 0])
+    assert rb.size == 10 and rewards.min() >= 3  # the three oldest were overwritten
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    hyper_sac.atomic_save({"step": 1}, path)
+    with pytest.raises(Exception):
+        hyper_sac.atomic_save({"step": 2, "bad": lambda: None}, path)  # lambdas cannot be pickled
+    assert torch.load(path)["step"] == 1
+
+
+# --- end to end through the CLI ---------------------------------------------------------------
+
+SMALL_RUN = ["--env-id", "InvertedPendulum-v4", "--total-timesteps", "300", "--learning-starts", "100", "--batch-size", "16",
+             "--eval-freq", "250", "--eval-episodes", "1", "--checkpoint-freq", "200", "--progress-freq", "100", *TINY]  # fmt: skip
+
+
+@pytest.mark.parametrize("critic", CRITICS)
+def test_cli_run_crosses_learning_start_an_eval_and_a_checkpoint(critic, tmp_path):
+    proc = run([*SMALL_RUN, "--critic", critic, "--save-model"], tmp_path)
+    assert "steps/s" in proc.stdout and "ETA" in proc.stdout
+    run_dir = only_run_dir(tmp_path)
+    tags = scalar_tags(run_dir)
+    for tag in ["charts/episodic_return", "charts/SPS", "losses/qf1_loss", "losses/qf2_values", "losses/actor_loss", "losses/alpha", "losses/alpha_loss", "eval/episodic_return"]:
+        assert tag in tags
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["global_step"] == 300
+    if critic == "mlp":
+        model = os.path.join(run_dir, "hyper_sac.cleanrl_model")
+        proc = run(["--eval-model", model, "--eval-episodes", "2"], tmp_path)
+        assert "InvertedPendulum-v4: 2 episodes, return" in proc.stdout
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    common = ["--env-id", "InvertedPendulum-v4", "--learning-starts", "100", "--batch-size", "16", "--eval-freq", "150",
+              "--eval-episodes", "1", "--seed", "3", "--save-model", *TINY]  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run([*common, "--total-timesteps", "400"], tmp_path / "a")
+    run([*common, "--total-timesteps", "230", "--checkpoint-freq", "1000"], tmp_path / "b")  # stops mid-episode
+    checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
+    assert len(torch.load(checkpoint, weights_only=False)["episode_actions"]) > 0  # the env is replayed on resume
+    proc = run([*common, "--total-timesteps", "400", "--resume", checkpoint], tmp_path / "b")
+    assert "resumed" in proc.stdout
+    a = torch.load(os.path.join(only_run_dir(tmp_path / "a"), "hyper_sac.cleanrl_model"), weights_only=False)
+    b = torch.load(os.path.join(only_run_dir(tmp_path / "b"), "hyper_sac.cleanrl_model"), weights_only=False)
+    for net in ("actor", "qf1", "qf2"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
+
+
+def test_resume_refuses_different_settings(tmp_path):
+    run([*SMALL_RUN, "--critic", "mlp"], tmp_path)
+    checkpoint = os.path.join(only_run_dir(tmp_path), "checkpoint.pt")
+    proc = run([*SMALL_RUN, "--critic", "d2rl", "--total-timesteps", "400", "--resume", checkpoint], tmp_path, check=False)
+    assert proc.returncode != 0 and "--critic mlp (given d2rl)" in proc.stderr
+
+
+def test_truncation_stores_the_true_final_observation_and_termination_does_not_bootstrap(tmp_path):
+    run(["--env-id", "tests.envs:CountingEnv-v0", "--critic", "mlp", "--total-timesteps", "40", "--learning-starts", "30",
+         "--batch-size", "8", "--eval-freq", "0", "--checkpoint-freq", "40"], tmp_path)  # fmt: skip
+    rb = torch.load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"), weights_only=False)["replay_buffer"]
+    t_next, parity, terminated = rb["next_obs"][:, 0], rb["next_obs"][:, 1], rb["terminations"][:, 0]
+    assert rb["size"] == 40
+    assert np.all(t_next > 0)  # never the reset observation
+    np.testing.assert_array_equal(t_next, rb["obs"][:, 0] + 1)
+    np.testing.assert_array_equal(terminated, (parity == 0) & (t_next == 3))  # even episodes end by termination
+    assert np.any((parity == 1) & (t_next == 5))  # odd episodes were truncated at the time limit, kept non-terminal
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    proc = run(["--env-id", "tests.envs:NaNRewardEnv-v0", "--critic", "mlp", "--total-timesteps", "400", "--learning-starts", "100",
+                "--batch-size", "16", "--eval-freq", "0", "--checkpoint-freq", "120"], tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "non-finite qf1_loss" in proc.stderr and "at step" in proc.stderr and "intact" in proc.stderr
+    assert torch.load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"), weights_only=False)["global_step"] == 120
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env-id", "NoSuchEnv-v9"], "cannot make environment 'NoSuchEnv-v9'"),
+        (["--env-id", "CartPole-v1"], "Discrete action space"),
+        (["--batch-size", "512", "--buffer-size", "256"], "larger than --buffer-size"),
+        (["--hyper-embedding-dim", "30"], "multiple of 4"),
+        (["--total-timesteps", "0"], "--total-timesteps must be positive"),
+        (["--resume", "missing.pt"], "cannot load checkpoint"),
+    ],
+)
+def test_bad_input_gives_one_error_line_and_nonzero_exit(flags, message, tmp_path):
+    proc = run(flags, tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
+
+
+def test_unknown_critic_is_refused_with_the_valid_choices(tmp_path):
+    proc = run(["--critic", "transformer"], tmp_path, check=False)
+    assert proc.returncode != 0 and "sa-hyper" in proc.stderr and "Traceback" not in proc.stderr
