@@ -506,7 +506,8 @@ def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device) -> li
             episodic_return += float(reward)
             done = terminated or truncated
         returns.append(episodic_return)
-        obs, _ = env.reset()
+        if len(returns) < episodes:
+            obs, _ = env.reset()
     return returns
 
 
@@ -589,6 +590,8 @@ if __name__ == "__main__":
             saved = torch.load(args.eval_model, map_location=device, weights_only=False)
         except (OSError, RuntimeError, EOFError) as e:
             fail(f"cannot load model {args.eval_model}: {e}")
+        if not isinstance(saved, dict) or "actor" not in saved or "args" not in saved:
+            fail(f"{args.eval_model} is not a model or checkpoint saved by {os.path.basename(__file__)}")
         env_id = saved["args"]["env_id"]
         env = make_env(env_id, render_mode="rgb_array" if args.capture_video else None)
         if args.capture_video:
@@ -607,6 +610,8 @@ if __name__ == "__main__":
             checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
         except (OSError, RuntimeError, EOFError) as e:
             fail(f"cannot load checkpoint {args.resume}: {e}")
+        if not isinstance(checkpoint, dict) or "replay_buffer" not in checkpoint:
+            fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
         differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"][k] != getattr(args, k)]
         if differing:
             listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]} (given {getattr(args, k)})" for k in differing)
@@ -679,7 +684,7 @@ if __name__ == "__main__":
         start_step = checkpoint["global_step"]
         print(f"resumed {run_name} at step {start_step} from {args.resume}")
 
-    run_dir = os.path.join("runs", run_name)
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint is not None else os.path.join("runs", run_name)
     os.makedirs(run_dir, exist_ok=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     if args.track:

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -236,9 +237,12 @@ def test_cli_run_crosses_learning_start_an_eval_and_a_checkpoint(critic, tmp_pat
         assert "InvertedPendulum-v4: 2 episodes, return" in proc.stdout
 
 
+RESUME_RUN = ["--env-id", "InvertedPendulum-v4", "--learning-starts", "100", "--batch-size", "16", "--eval-freq", "150",
+              "--eval-episodes", "1", "--save-model", *TINY]  # fmt: skip
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    common = ["--env-id", "InvertedPendulum-v4", "--learning-starts", "100", "--batch-size", "16", "--eval-freq", "150",
-              "--eval-episodes", "1", "--seed", "3", "--save-model", *TINY]  # fmt: skip
+    common = [*RESUME_RUN, "--seed", "3"]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     run([*common, "--total-timesteps", "400"], tmp_path / "a")
@@ -247,11 +251,34 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert len(torch.load(checkpoint, weights_only=False)["episode_actions"]) > 0  # the env is replayed on resume
     proc = run([*common, "--total-timesteps", "400", "--resume", checkpoint], tmp_path / "b")
     assert "resumed" in proc.stdout
-    a = torch.load(os.path.join(only_run_dir(tmp_path / "a"), "hyper_sac.cleanrl_model"), weights_only=False)
-    b = torch.load(os.path.join(only_run_dir(tmp_path / "b"), "hyper_sac.cleanrl_model"), weights_only=False)
+    assert_same_models(tmp_path / "a", tmp_path / "b")
+
+
+def assert_same_models(dir_a, dir_b):
+    a = torch.load(os.path.join(only_run_dir(dir_a), "hyper_sac.cleanrl_model"), weights_only=False)
+    b = torch.load(os.path.join(only_run_dir(dir_b), "hyper_sac.cleanrl_model"), weights_only=False)
     for net in ("actor", "qf1", "qf2"):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    common = [*RESUME_RUN, "--seed", "4"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run([*common, "--total-timesteps", "330"], tmp_path / "a")
+    # a long run, killed with SIGKILL once its first periodic checkpoint (step 170) is on disk
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--num-threads", "1", *common, "--total-timesteps", "1000000", "--checkpoint-freq", "170"],
+                            cwd=tmp_path / "b", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not glob.glob(str(tmp_path / "b" / "runs" / "*" / "checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 170
+    run([*common, "--total-timesteps", "330", "--resume", checkpoint], tmp_path / "b")
+    assert_same_models(tmp_path / "a", tmp_path / "b")
 
 
 def test_resume_refuses_different_settings(tmp_path):
