@@ -111,7 +111,7 @@ class Args:
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
     eval_model: Optional[str] = None
-    """path of a saved .cleanrl_model: skip training, evaluate it for --eval-episodes episodes"""
+    """path of a saved .cleanrl_model or checkpoint.pt: skip training, evaluate its actor for --eval-episodes episodes"""
     capture_video: bool = False
     """with --eval-model: record the evaluation episodes to videos/ (headless: set MUJOCO_GL=egl or osmesa)"""
 

@@ -1,11 +1,13 @@
-"""Time one SAC update of hyper_sac.py at the paper's sizes, split into its parts.
+"""Time one update of hyper_sac.py or hyper_td3.py at the paper's sizes, split into its parts.
 
-    python benchmarks/update_time.py --critic sa-hyper --batch-size 256
-    python benchmarks/update_time.py --critic mlp --batch-size 256
+    python benchmarks/update_time.py --critic sa-hyper                          # SAC, batch 256
+    python benchmarks/update_time.py --algo td3 --critic sa-hyper --batch-size 100
 
 Reports milliseconds per critic step (target + forward + backward + Adam), per actor step with the
-critics frozen (no graph through their weights, as hyper_sac.py does) and per actor step built the
-naive way (graph through the critics' weights), on HalfCheetah-v4 shapes (obs 17, act 6).
+critics frozen (no graph through their weights, as the scripts do) and per actor step built the
+naive way (graph through the critics' weights), on HalfCheetah-v4 shapes (obs 17, act 6). SAC's actor
+uses min(Q1, Q2) every step; TD3's uses Q1 every --policy-frequency (2) steps, so its full update is
+critic + actor / 2.
 """
 
 import copy
@@ -13,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +23,13 @@ import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import hyper_sac  # noqa: E402
+import hyper_td3  # noqa: E402
 
 
 @dataclass
 class Bench:
+    algo: Literal["sac", "td3"] = "sac"
+    """sac or td3"""
     critic: hyper_sac.CriticName = "sa-hyper"
     """critic model to time"""
     batch_size: int = 256
@@ -49,9 +55,12 @@ if __name__ == "__main__":
         torch.set_num_threads(bench.num_threads)
     torch.manual_seed(0)
     obs_dim, act_dim, n = 17, 6, bench.batch_size
-    args = hyper_sac.Args(critic=bench.critic)
-    actor = hyper_sac.Actor(obs_dim, act_dim, -torch.ones(act_dim), torch.ones(act_dim))
-    qf1, qf2 = (hyper_sac.make_critic(args, obs_dim, act_dim) for _ in range(2))
+    sac = bench.algo == "sac"
+    script = hyper_sac if sac else hyper_td3
+    args = script.Args(critic=bench.critic)
+    actor = script.Actor(obs_dim, act_dim, -torch.ones(act_dim), torch.ones(act_dim))
+    actor_t = copy.deepcopy(actor)
+    qf1, qf2 = (script.make_critic(args, obs_dim, act_dim) for _ in range(2))
     qf1_t, qf2_t = copy.deepcopy(qf1), copy.deepcopy(qf2)
     q_opt = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=5e-5)
     a_opt = torch.optim.Adam(actor.parameters(), lr=3e-4)
@@ -59,21 +68,29 @@ if __name__ == "__main__":
 
     def critic_step():
         with torch.no_grad():
-            next_a, next_logp, _ = actor.get_action(next_obs)
-            y = hyper_sac.soft_td_target(rew, term, qf1_t(next_obs, next_a), qf2_t(next_obs, next_a), next_logp, 0.2, 0.99)
+            if sac:
+                next_a, next_logp, _ = actor.get_action(next_obs)
+                y = hyper_sac.soft_td_target(rew, term, qf1_t(next_obs, next_a), qf2_t(next_obs, next_a), next_logp, 0.2, 0.99)
+            else:
+                next_a = hyper_td3.smoothed_target_action(actor_t, next_obs, 0.2, 0.5)
+                y = hyper_td3.td3_target(rew, term, qf1_t(next_obs, next_a), qf2_t(next_obs, next_a), 0.99)
         loss = F.mse_loss(qf1(obs, act), y) + F.mse_loss(qf2(obs, act), y)
         q_opt.zero_grad()
         loss.backward()
         q_opt.step()
 
     def actor_step(freeze):
-        pi, logp, _ = actor.get_action(obs)
-        if freeze:
-            with hyper_sac.frozen(qf1, qf2):
-                q = torch.min(qf1(obs, pi), qf2(obs, pi))
+        if sac:
+            pi, logp, _ = actor.get_action(obs)
+            critics, bonus = (qf1, qf2), 0.2 * logp
         else:
-            q = torch.min(qf1(obs, pi), qf2(obs, pi))
-        loss = (0.2 * logp - q).mean()
+            pi, critics, bonus = actor(obs), (qf1,), 0.0
+        if freeze:
+            with script.frozen(*critics):
+                q = torch.stack([qf(obs, pi) for qf in critics]).min(0).values
+        else:
+            q = torch.stack([qf(obs, pi) for qf in critics]).min(0).values
+        loss = (bonus - q).mean()
         a_opt.zero_grad()
         loss.backward()
         a_opt.step()
@@ -84,8 +101,9 @@ if __name__ == "__main__":
     c = timed(critic_step, bench.repeats)
     a_frozen = timed(lambda: actor_step(True), bench.repeats)
     a_naive = timed(lambda: actor_step(False), bench.repeats)
-    print(f"critic {bench.critic} ({params:,} params per Q), batch {n}, {torch.get_num_threads()} threads")
+    per_update = 1.0 if sac else 0.5
+    print(f"{bench.algo}: critic {bench.critic} ({params:,} params per Q), batch {n}, {torch.get_num_threads()} threads")
     print(f"  critic step        {c:8.1f} ms")
     print(f"  actor step, frozen {a_frozen:8.1f} ms")
     print(f"  actor step, naive  {a_naive:8.1f} ms")
-    print(f"  full update        {c + a_frozen:8.1f} ms  (naive actor: {c + a_naive:.1f} ms)")
+    print(f"  per env step       {c + per_update * a_frozen:8.1f} ms  (naive actor: {c + per_update * a_naive:.1f} ms)")

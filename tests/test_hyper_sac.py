@@ -318,6 +318,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["--hyper-embedding-dim", "30"], "multiple of 4"),
         (["--total-timesteps", "0"], "--total-timesteps must be positive"),
         (["--resume", "missing.pt"], "cannot load checkpoint"),
+        (["--eval-model", "missing.cleanrl_model"], "cannot load model"),
     ],
 )
 def test_bad_input_gives_one_error_line_and_nonzero_exit(flags, message, tmp_path):

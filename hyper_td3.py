@@ -1,0 +1,851 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "torch>=2.1",
+#     "gymnasium[mujoco]>=1.0",
+#     "mujoco>=3.0",
+#     "numpy>=1.24",
+#     "tyro>=0.8",
+#     "tensorboard>=2.10",
+# ]
+# ///
+# docs and measured results: docs/hyper_td3.md
+"""TD3 with a hypernetwork critic (SA-Hyper) and the paper's critic baselines.
+
+Implements the single-task actor-critic experiments of Keynan, Sarafian & Kraus, "Recomposing the
+Reinforcement Learning Building Blocks with Hypernetworks" (ICML 2021), Sec. 2-3 and 5.2, on top of
+TD3 (Fujimoto, van Hoof & Meger, "Addressing Function Approximation Error in Actor-Critic Methods",
+ICML 2018). Only the Q-network model changes between runs: the SA-Hyper critic computes
+Q(s, a) = f_{w(s)}(a), a small dynamic network over the action whose weights are generated from the
+state by a residual primary network (paper eq. 1, Fig. 1).
+
+    python hyper_td3.py --env-id HalfCheetah-v4                  # SA-Hyper critic (default)
+    python hyper_td3.py --env-id HalfCheetah-v4 --critic mlp     # MLP-Standard baseline
+    python hyper_td3.py --help                                   # every flag, with its meaning
+
+TD3 as in the paper's Algorithm 1: a deterministic tanh actor, twin critics trained towards
+min(Q1', Q2') at a target action smoothed by clipped Gaussian noise (Sec. 5.3), actor and target
+networks updated once every --policy-frequency critic updates (Sec. 5.2), the actor following Q1 only.
+Defaults are the hypernetwork authors' TD3 runs (github keynans/HypeRL, TD3/main.py): batch 100,
+1000 uniform-random steps, actor lr 3e-4, critic lr 5e-5 for hypernetwork critics and 3e-4 otherwise.
+
+Where this differs from CleanRL's td3_continuous_action.py:
+
+- Batch 100 instead of 256, 1000 random steps instead of 25000, and a critic learning rate of 5e-5 for
+  hypernetwork critics (CleanRL uses 3e-4 for actor and critics alike; --q-lr overrides ours).
+- One environment and an explicit reset at each episode end, so the true final observation of a
+  time-limit truncation is always at hand; truncation bootstraps, termination does not.
+- Per-dimension action bounds for the smoothed target action (CleanRL clamps to low[0], high[0]).
+- Periodic deterministic evaluation (--eval-freq, 10 episodes, no noise) on a separate environment
+  reseeded identically each time, as the TD3 paper and the authors do; CleanRL evaluates once at the end.
+- Exact checkpoint/resume, a NaN guard, and --snapshot-freq to keep the models of intermediate steps.
+
+Where it differs from Fujimoto's TD3: his current reference code (sfujim/TD3) uses 256-256 networks,
+lr 3e-4, batch 256 and 25000 random steps; the paper's original experiments used a smaller batch (100)
+and larger learning rate with 400-300 networks. We keep the hypernetwork authors' mix: 256-256, lr 3e-4
+(5e-5 for hyper critics), batch 100, 1000 random steps.
+
+Where we depart from the authors' released TD3 code (github keynans/HypeRL, TD3/);
+`--hyper-init authors` gets closest to it:
+
+- Initialization: the paper initializes the primary network so that the generated dynamic weights
+  resemble, on average, Kaiming-uniform. The TD3 code uses primary weights U(+-1/(2 sqrt(fan_in))) (not
+  SAC's 1/sqrt(2 fan_in)), PyTorch's default biases and head weights U(+-0.05) / U(+-0.008).
+  `--hyper-init kaiming` (default) implements the paper's statement (derivation at `init_hypernetwork`);
+  `--hyper-init authors` reproduces the constants.
+- Baselines: their res_35 / state_features critics crash at construction and their names are swapped
+  relative to SAC; ours are the paper's Res35 and ResNet-Features and all run. MLP-Small / MLP-Large do
+  not exist in their code; we build them from the paper's sizes.
+- Bugs not inherited: --noise_clip has no type and crashes from the CLI; --normalize_obs imports a
+  missing module and would be a no-op; --debug raises KeyError; --policy and --save_model are parsed and
+  ignored; the target and exploration noise use the scalar max_action (we use each dimension's scale
+  and bounds).
+- Actor loss: their comment says "update to min (Q) for hyper", but their code, like the TD3 paper,
+  uses Q1 only; so do we.
+- They also evaluate the untrained policy at step 0; our first evaluation is at step --eval-freq.
+"""
+
+import copy
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+CriticName = Literal["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
+HYPER_CRITICS = ("sa-hyper", "as-hyper")
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (environment, networks, noise, replay sampling)"""
+    torch_deterministic: bool = True
+    """if toggled, sets `torch.backends.cudnn.deterministic=True` (disable with --no-torch-deterministic)"""
+    cuda: bool = True
+    """use CUDA when it is available (disable with --no-cuda)"""
+    num_threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (all cores)"""
+    track: bool = False
+    """track the run with Weights and Biases (mirrors TensorBoard; needs `pip install wandb`)"""
+    wandb_project_name: str = "hyperl"
+    """the W&B project name"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team); None uses your default entity"""
+    eval_freq: int = 5000
+    """evaluate the deterministic policy every this many environment steps (0 disables)"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    progress_freq: int = 1000
+    """print a progress line (step, steps/s, ETA, returns) every this many steps"""
+    save_model: bool = False
+    """save the final actor and critics (and their targets) to runs/{run_name}/{exp_name}.cleanrl_model"""
+    snapshot_freq: int = 0
+    """with --save-model: also save the models every this many steps to runs/{run_name}/snapshots/step_{N}.cleanrl_model (0 disables)"""
+    checkpoint_freq: int = 25000
+    """write a resumable checkpoint to runs/{run_name}/checkpoint.pt every this many steps (0 disables)"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
+    eval_model: Optional[str] = None
+    """path of a saved .cleanrl_model (or snapshot, or checkpoint): skip training, evaluate it for --eval-episodes episodes"""
+    capture_video: bool = False
+    """with --eval-model: record the evaluation episodes to videos/ (headless: set MUJOCO_GL=egl or osmesa)"""
+
+    # --- algorithm (TD3; paper Sec. 5: the baseline's hyperparameters, only the critic changes) ---
+    env_id: str = "HalfCheetah-v4"
+    """the gymnasium environment id (any env with a Box action space)"""
+    total_timesteps: int = 1000000
+    """total environment steps of the run"""
+    buffer_size: int = 1000000
+    """replay buffer capacity (transitions)"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak averaging coefficient of the target actor and critics"""
+    batch_size: int = 100
+    """minibatch size of each update (the authors' and the TD3 paper's 100)"""
+    learning_starts: int = 1000
+    """uniform-random actions for this many steps before learning starts (the authors' 1000)"""
+    policy_lr: float = 3e-4
+    """actor learning rate"""
+    q_lr: Optional[float] = None
+    """critic learning rate; default 5e-5 for hypernetwork critics (paper) and 3e-4 otherwise"""
+    policy_noise: float = 0.2
+    """std of the target policy smoothing noise, in units of the action scale (TD3 paper Sec. 5.3)"""
+    noise_clip: float = 0.5
+    """the smoothing noise is clipped to +-noise_clip, in units of the action scale"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian exploration noise, in units of the action scale"""
+    policy_frequency: int = 2
+    """update the actor and the targets once every this many critic updates (TD3 paper Sec. 5.2, d = 2)"""
+
+    # --- model ---
+    critic: CriticName = "sa-hyper"
+    """Q-network model: sa-hyper (paper), as-hyper, mlp (2x256), mlp-small (1x256), mlp-large (2x2900), resnet-features, res35, d2rl"""
+    hyper_embedding_dim: int = 1024
+    """width of the primary network's output embedding; its stages are dim/4, dim/2, dim (paper: 256, 512, 1024)"""
+    hyper_blocks: int = 2
+    """residual blocks per stage of the primary network (paper: 2)"""
+    hyper_dynamic_hidden: int = 256
+    """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
+    hyper_init: Literal["kaiming", "authors"] = "kaiming"
+    """kaiming: dynamic weights resemble Kaiming-uniform on average (paper); authors: the released TD3 code's constants"""
+    hyper_init_samples: int = 1000
+    """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init kaiming"""
+    mlp_large_width: int = 2900
+    """hidden width of both layers of mlp-large (paper: 2900, about 9M weights)"""
+    res35_blocks: int = 35
+    """residual blocks of res35 (paper: 35, about 4.5M weights)"""
+
+
+def fail(message: str) -> None:
+    """One clear error line and a non-zero exit, instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
+    try:
+        env = gym.make(env_id, **({"render_mode": render_mode} if render_mode else {}))
+    except Exception as e:  # unknown id, missing dependency, bad kwargs: all end the run the same way
+        fail(f"cannot make environment {env_id!r}: {type(e).__name__}: {e}")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; TD3 needs a continuous Box action space")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        fail(f"{env_id} must have a flat Box observation space, got {env.observation_space}")
+    if not np.all(np.isfinite(env.action_space.low)) or not np.all(np.isfinite(env.action_space.high)):
+        fail(f"{env_id} has an unbounded action space; a tanh actor needs finite bounds")
+    return env
+
+
+# ALGO LOGIC: networks, smallest piece first.
+class ResBlock(nn.Module):
+    """Pre-activation residual block x + W2 relu(W1 relu(x)) (paper Sec. 2; no normalization layers)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc2(F.relu(self.fc1(F.relu(x))))
+
+
+class PrimaryNetwork(nn.Module):
+    """Maps the meta variable to an embedding e(z): Linear(z, d/4), blocks, Linear(d/4, d/2), blocks,
+    Linear(d/2, d), blocks; the raw residual stream, no final activation (paper Fig. 1, d = 1024)."""
+
+    def __init__(self, meta_dim: int, embedding_dim: int, blocks: int):
+        super().__init__()
+        if embedding_dim < 4 or embedding_dim % 4:
+            raise ValueError(f"hyper embedding dim must be a positive multiple of 4, got {embedding_dim}")
+        layers, width_in = [], meta_dim
+        for width in (embedding_dim // 4, embedding_dim // 2, embedding_dim):
+            layers.append(nn.Linear(width_in, width))
+            layers.extend(ResBlock(width) for _ in range(blocks))
+            width_in = width
+        self.net = nn.Sequential(*layers)
+        self.embedding_dim = embedding_dim
+
+    def forward(self, meta):
+        return self.net(meta)
+
+
+class DynamicLayerHeads(nn.Module):
+    """Three parallel linear heads of the embedding that give one dynamic layer's weight W(z)
+    (out x in), bias b(z) and gain g(z) (paper Sec. 2)."""
+
+    def __init__(self, embedding_dim: int, fan_in: int, fan_out: int):
+        super().__init__()
+        self.fan_in, self.fan_out = fan_in, fan_out
+        self.weight = nn.Linear(embedding_dim, fan_out * fan_in)
+        self.bias = nn.Linear(embedding_dim, fan_out)
+        self.gain = nn.Linear(embedding_dim, fan_out)
+
+    def forward(self, e):
+        return self.weight(e).view(-1, self.fan_out, self.fan_in), self.bias(e), self.gain(e)
+
+
+def dynamic_forward(layers, base):
+    """The dynamic network (paper eq. 1): x_{l+1} = relu((1 + g_l) * (W_l x_l) + b_l) with per-sample
+    W_l, b_l, g_l; no non-linearity after the last layer. `layers` is a list of (W, b, g)."""
+    x = base
+    for i, (weight, bias, gain) in enumerate(layers):
+        x = (1 + gain) * torch.einsum("boi,bi->bo", weight, x) + bias
+        if i < len(layers) - 1:
+            x = F.relu(x)
+    return x
+
+
+class HyperCritic(nn.Module):
+    """Q(s, a) = f_{w(meta)}(base). SA-Hyper: meta = state, base = action (the paper's proposal, eq. 14);
+    AS-Hyper: meta = action, base = state. One dynamic hidden layer (paper: 256 units)."""
+
+    def __init__(self, obs_dim, act_dim, meta_is_state: bool, embedding_dim=1024, blocks=2, dynamic_hidden=256):
+        super().__init__()
+        self.meta_is_state = meta_is_state
+        meta_dim, base_dim = (obs_dim, act_dim) if meta_is_state else (act_dim, obs_dim)
+        self.primary = PrimaryNetwork(meta_dim, embedding_dim, blocks)
+        self.heads = nn.ModuleList(
+            [DynamicLayerHeads(embedding_dim, base_dim, dynamic_hidden), DynamicLayerHeads(embedding_dim, dynamic_hidden, 1)]
+        )
+
+    def dynamic_weights(self, meta):
+        e = self.primary(meta)
+        return [head(e) for head in self.heads]
+
+    def forward(self, obs, act):
+        meta, base = (obs, act) if self.meta_is_state else (act, obs)
+        return dynamic_forward(self.dynamic_weights(meta), base)
+
+
+def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tensor) -> None:
+    """Initialize the primary network and heads.
+
+    kaiming (the paper, Sec. 5.2: "the initial dynamic weights distribution resembles, on average,
+    Kaiming-uniform"). A generated weight is w = sum_k H_k e_k, with head weights H_k ~ U(-c, c)
+    independent of the embedding e, so averaged over states E[w^2] = (c^2 / 3) * d * E[e_k^2], where d is
+    the embedding width and E[e_k^2] the embedding's mean square over the meta variable's distribution.
+    Kaiming-uniform for a dynamic layer with fan-in n is U(-gain sqrt(3/n), gain sqrt(3/n)), variance
+    gain^2 / n (gain sqrt(2) before a ReLU, 1 for the linear output layer). Equating the two gives
+        c = gain * sqrt(3 / n) / (sqrt(d) * rms(e)).
+    rms(e) scales with the meta variable (raw HalfCheetah states have rms ~4), so it is measured on
+    `meta_samples` drawn as the critic will first see them. The primary layers use Kaiming-uniform
+    themselves (gain sqrt(2) after a ReLU, 1 for the stage projections that read the raw residual
+    stream), with zero biases. The bias and gain heads start at zero, so at initialization every state
+    generates a Kaiming-uniform network with zero biases and unit gains, i.e. a freshly initialized MLP.
+
+    authors: the released TD3 code's constants: primary weights U(+-1/(2 sqrt(fan_in))) with PyTorch's
+    default biases, every head weight U(+-0.05) (first layer) or U(+-0.008) (output layer), head biases 0.
+    """
+    with torch.no_grad():
+        if scheme == "authors":
+            for module in critic.primary.modules():
+                if isinstance(module, nn.Linear):
+                    bound = 1.0 / (2.0 * np.sqrt(module.in_features))
+                    nn.init.uniform_(module.weight, -bound, bound)  # the bias keeps PyTorch's default
+            for head, bound in zip(critic.heads, (0.05, 0.008)):
+                for fc in (head.weight, head.bias, head.gain):
+                    nn.init.uniform_(fc.weight, -bound, bound)
+                    nn.init.zeros_(fc.bias)
+            return
+        for layer in critic.primary.net:
+            # stage projections read the raw residual stream (gain 1); residual branches read ReLU outputs
+            fcs = [(layer, "linear")] if isinstance(layer, nn.Linear) else [(layer.fc1, "relu"), (layer.fc2, "relu")]
+            for fc, nonlinearity in fcs:
+                nn.init.kaiming_uniform_(fc.weight, nonlinearity=nonlinearity)
+                nn.init.zeros_(fc.bias)
+        e_rms = critic.primary(meta_samples).pow(2).mean().sqrt().item()
+        for i, head in enumerate(critic.heads):
+            gain = np.sqrt(2.0) if i < len(critic.heads) - 1 else 1.0
+            bound = gain * np.sqrt(3.0 / head.fan_in) / (np.sqrt(critic.primary.embedding_dim) * e_rms)
+            nn.init.uniform_(head.weight.weight, -bound, bound)
+            for fc in (head.bias, head.gain):
+                nn.init.zeros_(fc.weight)
+            for fc in (head.weight, head.bias, head.gain):
+                nn.init.zeros_(fc.bias)
+
+
+def mlp(in_dim: int, hidden: tuple, out_dim: int = 1) -> nn.Sequential:
+    layers = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    return nn.Sequential(*layers, nn.Linear(in_dim, out_dim))
+
+
+class MLPCritic(nn.Module):
+    """concat(s, a) -> MLP -> Q. MLP-Standard 2x256, MLP-Small 1x256, MLP-Large 2x2900 (paper Sec. 5.2)."""
+
+    def __init__(self, obs_dim, act_dim, hidden):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, hidden)
+
+    def forward(self, obs, act):
+        return self.net(torch.cat([obs, act], 1))
+
+
+class ResNetFeaturesCritic(nn.Module):
+    """The same primary network on the state gives a feature vector, concatenated with the action into
+    MLP-Standard (paper Sec. 5.2, ResNet Features)."""
+
+    def __init__(self, obs_dim, act_dim, embedding_dim=1024, blocks=2):
+        super().__init__()
+        self.primary = PrimaryNetwork(obs_dim, embedding_dim, blocks)
+        self.mlp = mlp(embedding_dim + act_dim, (256, 256))
+
+    def forward(self, obs, act):
+        return self.mlp(torch.cat([self.primary(obs), act], 1))
+
+
+class Res35Critic(nn.Module):
+    """Linear(s + a, 256), 35 residual blocks, ReLU, Linear(256, 1): about 4.6M weights (paper Sec. 5.2)."""
+
+    def __init__(self, obs_dim, act_dim, blocks=35, width=256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim + act_dim, width), *[ResBlock(width) for _ in range(blocks)], nn.ReLU(), nn.Linear(width, 1)
+        )
+
+    def forward(self, obs, act):
+        return self.net(torch.cat([obs, act], 1))
+
+
+class D2RLCritic(nn.Module):
+    """Q-D2RL (Sinha et al. 2020): 4 hidden layers of 256; every hidden layer after the first also reads
+    the raw input [s, a]."""
+
+    def __init__(self, obs_dim, act_dim, layers=4, width=256):
+        super().__init__()
+        in_dim = obs_dim + act_dim
+        self.hidden = nn.ModuleList([nn.Linear(in_dim if i == 0 else width + in_dim, width) for i in range(layers)])
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, obs, act):
+        x = torch.cat([obs, act], 1)
+        h = x
+        for i, layer in enumerate(self.hidden):
+            h = F.relu(layer(h if i == 0 else torch.cat([h, x], 1)))
+        return self.out(h)
+
+
+def make_critic(args: Args, obs_dim: int, act_dim: int, meta_samples: Optional[torch.Tensor] = None) -> nn.Module:
+    """Build one Q-network; a twin is two independent calls. Baselines keep PyTorch's default init (as
+    CleanRL's critics do); `meta_samples` feed the kaiming hyper-init (unit Gaussian samples when None)."""
+    if args.critic in HYPER_CRITICS:
+        meta_is_state = args.critic == "sa-hyper"
+        critic = HyperCritic(obs_dim, act_dim, meta_is_state, args.hyper_embedding_dim, args.hyper_blocks, args.hyper_dynamic_hidden)
+        if meta_samples is None:
+            meta_samples = torch.randn(256, obs_dim if meta_is_state else act_dim)
+        init_hypernetwork(critic, args.hyper_init, meta_samples)
+        return critic
+    if args.critic == "resnet-features":
+        return ResNetFeaturesCritic(obs_dim, act_dim, args.hyper_embedding_dim, args.hyper_blocks)
+    hidden = {"mlp": (256, 256), "mlp-small": (256,), "mlp-large": (args.mlp_large_width,) * 2}
+    if args.critic in hidden:
+        return MLPCritic(obs_dim, act_dim, hidden[args.critic])
+    if args.critic == "res35":
+        return Res35Critic(obs_dim, act_dim, args.res35_blocks)
+    return D2RLCritic(obs_dim, act_dim)
+
+
+class Actor(nn.Module):
+    """Deterministic policy pi(s) = tanh(MLP(s)) rescaled to the action bounds, 256-256 (TD3; CleanRL)."""
+
+    def __init__(self, obs_dim, act_dim, action_low, action_high):
+        super().__init__()
+        self.fc1 = nn.Linear(obs_dim, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.fc_mu = nn.Linear(256, act_dim)
+        low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2.0)
+        self.register_buffer("action_bias", (high + low) / 2.0)
+
+    def forward(self, obs):
+        h = F.relu(self.fc2(F.relu(self.fc1(obs))))
+        return torch.tanh(self.fc_mu(h)) * self.action_scale + self.action_bias
+
+
+class frozen:
+    """Context manager: the modules' parameters stop requiring grad, so a loss that goes through them
+    (the actor loss through Q1) builds no autograd graph for their weights. For SA-Hyper this means the
+    dynamic weights w(s) are computed without grad and only the dynamic network is differentiated, with
+    respect to the action."""
+
+    def __init__(self, *modules):
+        self.params = [p for m in modules for p in m.parameters()]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+def smoothed_target_action(target_actor: Actor, next_obs, policy_noise: float, noise_clip: float):
+    """Target policy smoothing (TD3 paper Sec. 5.3, eq. 15): a' = clip(pi'(s') + clip(eps, -c, c), low, high)
+    with eps ~ N(0, sigma^2); sigma = policy_noise and c = noise_clip are in units of each dimension's
+    action scale, and every dimension is clipped to its own bounds."""
+    action = target_actor(next_obs)
+    noise = (torch.randn_like(action) * policy_noise).clamp(-noise_clip, noise_clip) * target_actor.action_scale
+    low, high = target_actor.action_bias - target_actor.action_scale, target_actor.action_bias + target_actor.action_scale
+    return (action + noise).clamp(low, high)
+
+
+def td3_target(rewards, terminations, next_q1, next_q2, gamma):
+    """Clipped double-Q target (TD3 paper eq. 10): y = r + gamma * (1 - terminated) * min(Q1', Q2')(s', a').
+    Truncated transitions keep terminated = 0, so they bootstrap from the true final observation."""
+    return rewards + gamma * (1.0 - terminations) * torch.min(next_q1, next_q2)
+
+
+def is_actor_step(critic_updates: int, policy_frequency: int) -> bool:
+    """Delayed policy updates (TD3 paper Sec. 5.2): after the critic update number `critic_updates`
+    (counting from 1), update the actor and all targets when it is a multiple of `policy_frequency`."""
+    return critic_updates % policy_frequency == 0
+
+
+def td3_actor_loss(actor: Actor, qf1: nn.Module, obs):
+    """-Q1(s, pi(s)).mean(): the deterministic policy gradient through the first critic only (TD3 paper
+    Alg. 1). Q1 is frozen, so the gradient reaches the actor through the action alone."""
+    pi = actor(obs)
+    with frozen(qf1):
+        return -qf1(obs, pi).mean()
+
+
+def exploration_action(action: np.ndarray, noise_std: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """a + N(0, noise_std^2), independently per dimension, clipped to the bounds (TD3 paper Sec. 6.1).
+    Draws from numpy's global RNG, which a checkpoint saves; float32 so a replay reproduces it exactly."""
+    return np.clip(action + np.random.normal(0.0, noise_std), low, high).astype(np.float32)
+
+
+@torch.no_grad()
+def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
+    """target <- tau * online + (1 - tau) * target, in one fused op over all parameters."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+
+class ReplayBuffer:
+    """Uniform replay of (s, a, r, s', terminated) in numpy; its own RNG, so sampling is checkpointable."""
+
+    def __init__(self, capacity, obs_dim, act_dim, seed):
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros((capacity, act_dim), dtype=np.float32)
+        self.rewards = np.zeros((capacity, 1), dtype=np.float32)
+        self.terminations = np.zeros((capacity, 1), dtype=np.float32)
+        self.capacity, self.pos, self.size = capacity, 0, 0
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, obs, next_obs, action, reward, terminated):
+        i = self.pos
+        self.obs[i], self.next_obs[i], self.actions[i] = obs, next_obs, action
+        self.rewards[i], self.terminations[i] = reward, float(terminated)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, device):
+        idx = self.rng.integers(0, self.size, size=batch_size)
+        return [torch.as_tensor(a[idx], device=device) for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminations)]
+
+    def state_dict(self):
+        n = self.size
+        arrays = {k: getattr(self, k)[:n].copy() for k in ("obs", "next_obs", "actions", "rewards", "terminations")}
+        return {**arrays, "pos": self.pos, "size": n, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        n = state["size"]
+        for k in ("obs", "next_obs", "actions", "rewards", "terminations"):
+            getattr(self, k)[:n] = state[k]
+        self.pos, self.size = state["pos"], n
+        self.rng.bit_generator.state = state["rng"]
+
+
+def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device) -> list:
+    """Undiscounted returns of the deterministic actor, without exploration noise. The env is reseeded
+    with `seed` at every call, so every evaluation sees the same start states."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < episodes:
+        episodic_return, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
+            obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
+            episodic_return += float(reward)
+            done = terminated or truncated
+        returns.append(episodic_return)
+        if len(returns) < episodes:
+            obs, _ = env.reset()
+    return returns
+
+
+def collect_meta_samples(args: Args, env_id: str, n: int, seed: int) -> torch.Tensor:
+    """Meta-variable samples for the kaiming hyper-init, drawn as the critic first sees them: states
+    visited by uniform-random actions (sa-hyper) or uniform-random actions (as-hyper). Uses its own
+    environment and seed, so it leaves the training environment's randomness untouched."""
+    env = make_env(env_id)
+    env.action_space.seed(seed)
+    if args.critic == "as-hyper":
+        return torch.as_tensor(np.array([env.action_space.sample() for _ in range(n)]), dtype=torch.float32)
+    obs, _ = env.reset(seed=seed)
+    states = []
+    while len(states) < n:
+        states.append(obs)
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    return torch.as_tensor(np.array(states), dtype=torch.float32)
+
+
+def check_args(args: Args) -> None:
+    positive = ["total_timesteps", "buffer_size", "batch_size", "eval_episodes", "progress_freq", "policy_frequency",
+                "hyper_embedding_dim", "hyper_dynamic_hidden", "hyper_init_samples", "mlp_large_width"]  # fmt: skip
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_freq", "checkpoint_freq", "snapshot_freq", "hyper_blocks", "res35_blocks", "num_threads",
+                 "policy_noise", "noise_clip", "exploration_noise"]:  # fmt: skip
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.hyper_embedding_dim % 4:
+        fail(f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}")
+    if args.batch_size > args.buffer_size:
+        fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
+    if args.batch_size > max(args.learning_starts, 1):
+        fail(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: the first update would sample a buffer smaller than one batch")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
+        fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
+    for name in ["policy_lr", "q_lr"]:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.snapshot_freq and not args.save_model:
+        fail("--snapshot-freq saves models, so it needs --save-model")
+
+
+# Settings that change what a run computes; a resumed run must use the checkpoint's values.
+RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "buffer_size", "gamma", "tau", "batch_size",
+                     "learning_starts", "policy_lr", "q_lr", "policy_noise", "noise_clip", "exploration_noise",
+                     "policy_frequency", "critic", "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden",
+                     "hyper_init", "hyper_init_samples", "mlp_large_width", "res35_blocks")  # fmt: skip
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temporary file, flush it to disk, then rename over `path`: a crash mid-write leaves the
+    previous file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.eval_model:  # load a saved model, snapshot or checkpoint and evaluate its actor; no training
+        try:
+            saved = torch.load(args.eval_model, map_location=device, weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            fail(f"cannot load model {args.eval_model}: {e}")
+        if not isinstance(saved, dict) or "actor" not in saved or "args" not in saved:
+            fail(f"{args.eval_model} is not a model or checkpoint saved by {os.path.basename(__file__)}")
+        env_id = saved["args"]["env_id"]
+        env = make_env(env_id, render_mode="rgb_array" if args.capture_video else None)
+        if args.capture_video:
+            video_dir = os.path.join("videos", f"{os.path.basename(os.path.dirname(os.path.abspath(args.eval_model)))}-eval")
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: True, disable_logger=True)
+        actor = Actor(env.observation_space.shape[0], env.action_space.shape[0], env.action_space.low, env.action_space.high).to(device)
+        actor.load_state_dict(saved["actor"])
+        returns = evaluate(actor, env, args.eval_episodes, args.seed + 100, device)
+        env.close()
+        print(f"{env_id}: {len(returns)} episodes, return {np.mean(returns):.1f} +- {np.std(returns):.1f} (min {np.min(returns):.1f}, max {np.max(returns):.1f})")
+        sys.exit(0)
+
+    checkpoint = None
+    if args.resume:
+        try:
+            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            fail(f"cannot load checkpoint {args.resume}: {e}")
+        if not isinstance(checkpoint, dict) or "replay_buffer" not in checkpoint or "actor_target" not in checkpoint:
+            fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
+        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"][k] != getattr(args, k)]
+        if differing:
+            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]} (given {getattr(args, k)})" for k in differing)
+            fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    q_lr = args.q_lr if args.q_lr is not None else (5e-5 if args.critic in HYPER_CRITICS else 3e-4)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # env setup: one training env with explicit resets, one evaluation env
+    env = make_env(args.env_id)
+    eval_env = make_env(args.env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    action_low, action_high = env.action_space.low, env.action_space.high
+    exploration_std = args.exploration_noise * (action_high - action_low) / 2.0  # per dimension, in action units
+    env.action_space.seed(args.seed)
+
+    # ALGO LOGIC: initialize agent here
+    meta_samples = None
+    if args.critic in HYPER_CRITICS and args.hyper_init == "kaiming":
+        meta_samples = collect_meta_samples(args, args.env_id, args.hyper_init_samples, args.seed + 200)
+    actor = Actor(obs_dim, act_dim, action_low, action_high).to(device)
+    qf1 = make_critic(args, obs_dim, act_dim, meta_samples).to(device)
+    qf2 = make_critic(args, obs_dim, act_dim, meta_samples).to(device)
+    actor_target, qf1_target, qf2_target = copy.deepcopy(actor), copy.deepcopy(qf1), copy.deepcopy(qf2)
+    for target in (actor_target, qf1_target, qf2_target):
+        target.requires_grad_(False)
+    q_optimizer = optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=q_lr)
+    actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr)
+    rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, args.seed)
+
+    # TRY NOT TO MODIFY: start the game
+    obs, _ = env.reset(seed=args.seed)
+    episode_start_rng = copy.deepcopy(env.unwrapped.np_random.bit_generator.state)
+    episode_actions = []  # actions since the last reset: a checkpoint replays them to restore the env exactly
+    episodic_return, episodic_length, last_return, last_eval = 0.0, 0, float("nan"), float("nan")
+    critic_updates, last_actor_loss = 0, None  # the policy delay counts critic updates
+    start_step = 0
+    if checkpoint is not None:
+        nets = {"actor": actor, "actor_target": actor_target, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target, "qf2_target": qf2_target}
+        for key, module in nets.items():
+            module.load_state_dict(checkpoint[key])
+        q_optimizer.load_state_dict(checkpoint["q_optimizer"])
+        actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
+        rb.load_state_dict(checkpoint["replay_buffer"])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if checkpoint["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        env.action_space.np_random.bit_generator.state = checkpoint["rng"]["action_space"]
+        episode_start_rng = checkpoint["episode_start_rng"]
+        env.unwrapped.np_random.bit_generator.state = copy.deepcopy(episode_start_rng)
+        obs, _ = env.reset()
+        episode_actions = list(checkpoint["episode_actions"])
+        for action in episode_actions:
+            obs, *_ = env.step(action)
+        if not np.array_equal(obs, checkpoint["obs"]):
+            fail(f"{args.env_id} did not reproduce the checkpoint's observation when replayed; it is not deterministic, so the run cannot be resumed exactly")
+        episodic_return, episodic_length = checkpoint["episodic_return"], checkpoint["episodic_length"]
+        last_return, last_eval = checkpoint["last_return"], checkpoint["last_eval"]
+        critic_updates, last_actor_loss = checkpoint["critic_updates"], checkpoint["last_actor_loss"]
+        start_step = checkpoint["global_step"]
+        print(f"resumed {run_name} at step {start_step} from {args.resume}")
+
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint is not None else os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights and Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint is not None else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "q_lr (effective)": q_lr}.items()))
+    n_critic_params = sum(p.numel() for p in qf1.parameters())
+    print(f"{run_name}: critic {args.critic} ({n_critic_params:,} parameters per Q-network), q_lr {q_lr:g}, device {device}")
+
+    def save_models(path: str, global_step: int) -> None:
+        """The final model and the snapshots: actor, critics and their targets, enough to analyse them later."""
+        atomic_save(
+            {
+                "args": vars(args), "global_step": global_step,
+                "actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(),
+                "actor_target": actor_target.state_dict(), "qf1_target": qf1_target.state_dict(), "qf2_target": qf2_target.state_dict(),
+            },
+            path,
+        )  # fmt: skip
+
+    def save_checkpoint(global_step: int) -> None:
+        atomic_save(
+            {
+                "args": vars(args), "run_name": run_name, "global_step": global_step,
+                "actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(),
+                "actor_target": actor_target.state_dict(), "qf1_target": qf1_target.state_dict(), "qf2_target": qf2_target.state_dict(),
+                "q_optimizer": q_optimizer.state_dict(), "actor_optimizer": actor_optimizer.state_dict(),
+                "critic_updates": critic_updates, "last_actor_loss": last_actor_loss,
+                "replay_buffer": rb.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                        "action_space": env.action_space.np_random.bit_generator.state},
+                "episode_start_rng": episode_start_rng, "episode_actions": np.array(episode_actions, dtype=np.float32).reshape(-1, act_dim),
+                "obs": obs, "episodic_return": episodic_return, "episodic_length": episodic_length,
+                "last_return": last_return, "last_eval": last_eval,
+            },
+            checkpoint_path,
+        )  # fmt: skip
+
+    def check_finite(global_step: int, **losses) -> None:
+        """Stop on a NaN/inf loss before it reaches the weights; the last checkpoint stays as it was."""
+        values = torch.stack([v.detach() for v in losses.values()])
+        if not torch.isfinite(values).all():
+            name = next(k for k, v in losses.items() if not torch.isfinite(v).all())
+            saved = f"the last checkpoint ({checkpoint_path}) is intact" if os.path.exists(checkpoint_path) else "no checkpoint was written"
+            writer.close()
+            fail(f"non-finite {name} ({losses[name].item()}) at step {global_step}; stopping, {saved}")
+
+    start_time, interval_start, interval_step = time.time(), time.time(), start_step
+    for global_step in range(start_step + 1, args.total_timesteps + 1):
+        # ALGO LOGIC: put action logic here
+        if global_step <= args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
+            action = exploration_action(action, exploration_std, action_low, action_high)
+
+        # TRY NOT TO MODIFY: execute the game and log data.
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        episode_actions.append(action)
+        episodic_return += float(reward)
+        episodic_length += 1
+        # next_obs is the true final observation even on truncation: there is no autoreset here
+        rb.add(obs, next_obs, action, reward, terminated)
+        obs = next_obs  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+            writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            last_return, episodic_return, episodic_length = episodic_return, 0.0, 0
+            episode_start_rng = copy.deepcopy(env.unwrapped.np_random.bit_generator.state)
+            episode_actions = []
+            obs, _ = env.reset()
+
+        # ALGO LOGIC: training.
+        if global_step > args.learning_starts:
+            b_obs, b_actions, b_rewards, b_next_obs, b_terminations = rb.sample(args.batch_size, device)
+            with torch.no_grad():
+                next_actions = smoothed_target_action(actor_target, b_next_obs, args.policy_noise, args.noise_clip)
+                target = td3_target(
+                    b_rewards, b_terminations, qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions), args.gamma
+                )  # fmt: skip
+            qf1_values, qf2_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+            qf1_loss, qf2_loss = F.mse_loss(qf1_values, target), F.mse_loss(qf2_values, target)
+            qf_loss = qf1_loss + qf2_loss
+            check_finite(global_step, qf1_loss=qf1_loss, qf2_loss=qf2_loss)
+            q_optimizer.zero_grad()
+            qf_loss.backward()
+            q_optimizer.step()
+            critic_updates += 1
+
+            if is_actor_step(critic_updates, args.policy_frequency):
+                actor_loss = td3_actor_loss(actor, qf1, b_obs)
+                check_finite(global_step, actor_loss=actor_loss)
+                actor_optimizer.zero_grad()
+                actor_loss.backward()
+                actor_optimizer.step()
+                last_actor_loss = actor_loss.item()
+                polyak_update(actor, actor_target, args.tau)
+                polyak_update(qf1, qf1_target, args.tau)
+                polyak_update(qf2, qf2_target, args.tau)
+
+            if global_step % 100 == 0:
+                writer.add_scalar("losses/qf1_values", qf1_values.mean().item(), global_step)
+                writer.add_scalar("losses/qf2_values", qf2_values.mean().item(), global_step)
+                writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
+                writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
+                writer.add_scalar("losses/qf_loss", qf_loss.item() / 2.0, global_step)
+                if last_actor_loss is not None:  # the latest, whichever step the policy delay put it on
+                    writer.add_scalar("losses/actor_loss", last_actor_loss, global_step)
+
+        if args.eval_freq and global_step % args.eval_freq == 0:
+            returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 100, device)
+            last_eval = float(np.mean(returns))
+            writer.add_scalar("eval/episodic_return", last_eval, global_step)
+        if global_step % 100 == 0:
+            writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
+        if global_step % args.progress_freq == 0 or global_step == args.total_timesteps:
+            now = time.time()
+            sps = (global_step - interval_step) / max(now - interval_start, 1e-9)  # recent rate, excluding earlier phases
+            interval_start, interval_step = now, global_step
+            eta = format_duration((args.total_timesteps - global_step) / max(sps, 1e-9))
+            returns = " | ".join(f"{name} {value:.1f}" for name, value in (("return", last_return), ("eval", last_eval)) if np.isfinite(value))
+            print(f"step {global_step}/{args.total_timesteps} | {sps:.1f} steps/s | ETA {eta} | {returns}", flush=True)
+        if args.save_model and args.snapshot_freq and global_step % args.snapshot_freq == 0:
+            os.makedirs(os.path.join(run_dir, "snapshots"), exist_ok=True)
+            save_models(os.path.join(run_dir, "snapshots", f"step_{global_step}.cleanrl_model"), global_step)
+        if args.checkpoint_freq and (global_step % args.checkpoint_freq == 0 or global_step == args.total_timesteps):
+            save_checkpoint(global_step)
+
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        save_models(model_path, args.total_timesteps)
+        print(f"model saved to {model_path}; evaluate it with: python {os.path.basename(__file__)} --eval-model {model_path}")
+    env.close()
+    eval_env.close()
+    writer.close()
