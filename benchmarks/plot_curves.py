@@ -1,6 +1,6 @@
 """Plot a TensorBoard scalar of several runs into one PNG (needs matplotlib: pip install -e ".[plot]").
 
-    python benchmarks/plot_curves.py runs/A runs/B --labels sa-hyper mlp --tag eval/episodic_return --out curve.png
+    python benchmarks/plot_curves.py --runs runs/A runs/B --labels sa-hyper mlp --tag eval/episodic_return --out curve.png
 """
 
 from dataclasses import dataclass
