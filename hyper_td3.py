@@ -834,8 +834,9 @@ if __name__ == "__main__":
             sps = (global_step - interval_step) / max(now - interval_start, 1e-9)  # recent rate, excluding earlier phases
             interval_start, interval_step = now, global_step
             eta = format_duration((args.total_timesteps - global_step) / max(sps, 1e-9))
-            returns = " | ".join(f"{name} {value:.1f}" for name, value in (("return", last_return), ("eval", last_eval)) if np.isfinite(value))
-            print(f"step {global_step}/{args.total_timesteps} | {sps:.1f} steps/s | ETA {eta} | {returns}", flush=True)
+            fields = [f"step {global_step}/{args.total_timesteps}", f"{sps:.1f} steps/s", f"ETA {eta}"]
+            fields += [f"{name} {value:.1f}" for name, value in (("return", last_return), ("eval", last_eval)) if np.isfinite(value)]
+            print(" | ".join(fields), flush=True)
         if args.save_model and args.snapshot_freq and global_step % args.snapshot_freq == 0:
             os.makedirs(os.path.join(run_dir, "snapshots"), exist_ok=True)
             save_models(os.path.join(run_dir, "snapshots", f"step_{global_step}.cleanrl_model"), global_step)
