@@ -1,0 +1,292 @@
+import glob
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import grad_probe
+from grad_probe import (
+    Actor,
+    Args,
+    HyperCritic,
+    critic_action_gradient,
+    cosine_similarity,
+    get_sim_state,
+    learnable_fraction,
+    least_squares_gradient,
+    rollout_returns,
+    run_probe,
+    sample_probe_states,
+    set_sim_state,
+)
+from tests.envs_probe import WEIGHTS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "grad_probe.py")
+LINEAR_ENV = "tests.envs_probe:LinearRewardEnv-v0"
+TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-init-samples", "50"]
+
+
+def run(script, args, cwd, check=True):
+    # one torch thread: with tiny networks, threads competing for 2 cores make updates many times slower
+    proc = subprocess.run([sys.executable, script, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def results_of(cwd):
+    (path,) = glob.glob(os.path.join(cwd, "runs", "*", "grad_probe.pt"))
+    return torch.load(path, weights_only=False), os.path.dirname(path)
+
+
+class LinearQ(nn.Module):
+    """Q(s, a) = w . a + c: a critic whose action-gradient is exactly w everywhere."""
+
+    def __init__(self, w, c):
+        super().__init__()
+        self.w = nn.Parameter(torch.as_tensor(w, dtype=torch.float32))
+        self.c = c
+
+    def forward(self, obs, act):
+        return (act @ self.w + self.c).unsqueeze(1)
+
+
+def constant_actor(env, bias):
+    """pi(s) = tanh(bias) * scale + offset for every s."""
+    actor = Actor(env.observation_space.shape[0], env.action_space.shape[0], env.action_space.low, env.action_space.high)
+    with torch.no_grad():
+        actor.fc_mu.weight.zero_()
+        actor.fc_mu.bias.copy_(torch.as_tensor(bias))
+    return actor
+
+
+# --- snapshots -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env_id", ["Hopper-v4", "HalfCheetah-v4"])
+def test_restored_snapshot_replays_the_same_rewards_exactly(env_id):
+    env, other = gym.make(env_id), gym.make(env_id)
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    for _ in range(37):
+        obs, *_ = env.step(env.action_space.sample())
+    snapshot = get_sim_state(env)
+    actions = [env.action_space.sample() for _ in range(60)]
+    original = [env.unwrapped.step(a)[:2] for a in actions]
+
+    other.reset(seed=123)  # a different episode: everything must come from the snapshot
+    for _ in range(5):
+        other.step(other.action_space.sample())
+    restored_obs = set_sim_state(other, snapshot)
+    replayed = [other.unwrapped.step(a)[:2] for a in actions]
+    assert np.array_equal(restored_obs, obs)
+    for (o1, r1), (o2, r2) in zip(original, replayed):
+        assert r1 == r2 and np.array_equal(o1, o2)
+
+
+def test_sampled_probe_states_restore_to_their_observations():
+    envs = [gym.make("Hopper-v4") for _ in range(4)]
+    actor = Actor(11, 3, envs[0].action_space.low, envs[0].action_space.high)
+    snapshots, obs, episode_steps = sample_probe_states(envs, actor, np.random.default_rng(0), 4, 300, 1000, "cpu")
+    assert obs.shape == (4, 11) and episode_steps.shape == (4,)
+    assert np.all((episode_steps >= 0) & (episode_steps < 1000))
+    fresh = gym.make("Hopper-v4")
+    fresh.reset(seed=7)
+    for snapshot, o in zip(snapshots, obs):
+        assert np.allclose(set_sim_state(fresh, snapshot), o, atol=1e-6)
+
+
+# --- the estimator ---------------------------------------------------------------------------------------------
+def test_least_squares_recovers_a_linear_gradient_exactly():
+    rng = np.random.default_rng(0)
+    g = torch.tensor([[1.5, -0.5, 2.0], [0.0, 3.0, -1.0]], dtype=torch.float64)
+    delta = torch.as_tensor(rng.normal(0, 0.3, size=(2, 15, 3)))
+    returns = 7.0 + (delta * g[:, None]).sum(-1)
+    assert torch.allclose(least_squares_gradient(delta, returns), g, atol=1e-9)
+
+
+def test_least_squares_slope_of_a_quadratic_is_its_gradient_at_the_centre():
+    rng = np.random.default_rng(1)
+    g = torch.tensor([1.0, -2.0, 0.5])
+    hessian = torch.as_tensor(rng.normal(0, 0.5, size=(3, 3)), dtype=torch.float32)
+    hessian = hessian + hessian.T
+    delta = torch.as_tensor(rng.normal(0, 0.3, size=(1, 200, 3)), dtype=torch.float32)
+    returns = 3.0 + delta @ g + 0.5 * torch.einsum("sni,ij,snj->sn", delta, hessian, delta)
+    slope = least_squares_gradient(delta, returns)
+    assert cosine_similarity(slope, g[None]).item() > 0.99
+
+
+def test_least_squares_survives_a_dimension_clipped_for_every_sample():
+    delta = torch.as_tensor(np.random.default_rng(2).normal(0, 0.3, size=(1, 15, 2)), dtype=torch.float32)
+    delta[..., 1] = 0.0  # e.g. the policy action sits on a bound and every perturbation is clipped back to it
+    slope = least_squares_gradient(delta, 2.0 * delta[..., 0])
+    assert torch.allclose(slope, torch.tensor([[2.0, 0.0]]), atol=1e-5)
+
+
+def test_cosine_similarity_edge_cases():
+    a = torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 4.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[2.0, 4.0], [0.0, 5.0], [-0.3, -0.4], [1.0, 1.0], [0.0, 0.0], [1e-20, 0.0]])
+    cos = cosine_similarity(a, b)
+    assert torch.allclose(cos[:3], torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64))
+    assert torch.isnan(cos[3:]).all()  # a zero-norm gradient has no direction
+    assert torch.allclose(cosine_similarity(a[:3] * 1e6, b[:3] * 1e-3), cos[:3])  # scale-free
+
+
+def test_learnable_fraction_is_monotone_and_counts_undefined_states_as_not_learnable():
+    cos = torch.tensor([0.9, 0.5, -0.2, float("nan"), 0.1])
+    assert learnable_fraction(cos, [0.0, 0.4, 0.8]) == [0.6, 0.4, 0.2]
+    random_cos = torch.as_tensor(np.random.default_rng(3).uniform(-1, 1, size=100))
+    fractions = learnable_fraction(random_cos, np.linspace(-1, 1, 41))
+    assert all(x >= y for x, y in zip(fractions, fractions[1:])) and fractions[0] == 1.0 and fractions[-1] == 0.0
+
+
+def test_critic_action_gradient_matches_finite_differences_and_leaves_the_critic_alone():
+    torch.manual_seed(0)
+    critic = HyperCritic(5, 3, meta_is_state=True, embedding_dim=16, blocks=1, dynamic_hidden=8).double()
+    obs, act = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    grad = critic_action_gradient(critic, obs, act)
+    eps = 1e-6
+    for k in range(3):
+        step = torch.zeros(3, dtype=torch.float64)
+        step[k] = eps
+        fd = (critic(obs, act + step) - critic(obs, act - step))[:, 0] / (2 * eps)
+        assert torch.allclose(grad[:, k], fd, atol=1e-7)
+    assert all(p.grad is None and p.requires_grad for p in critic.parameters())
+
+
+# --- rollouts and the whole probe on an environment with a known return ----------------------------------------
+@pytest.mark.parametrize("action_repeat", [1, 3])
+def test_rollout_returns_match_the_closed_form_with_bootstrap(action_repeat):
+    envs = [gym.make(LINEAR_ENV) for _ in range(3)]
+    for env in envs:
+        env.reset(seed=0)
+    actor = constant_actor(envs[0], [0.3, -0.2])
+    p = actor(torch.zeros(1, 2))[0].detach().double().numpy()
+    first = np.array([[1.0, 0.5], [-2.0, 1.5], [0.0, 0.0]], dtype=np.float32)
+    gamma, horizon = 0.9, 6
+    returns, steps = rollout_returns(envs, np.array([4]), first, actor, LinearQ(WEIGHTS, 5.0), LinearQ(WEIGHTS, 3.0), horizon, action_repeat, gamma, "cpu")
+    head = sum(gamma**t for t in range(action_repeat))
+    tail = sum(gamma**t for t in range(action_repeat, horizon)) * (WEIGHTS @ p)
+    bootstrap = gamma**horizon * (WEIGHTS @ p + 3.0)  # min of the two target critics
+    expected = head * (first.astype(np.float64) @ WEIGHTS) + tail + bootstrap
+    assert np.allclose(returns, expected, atol=1e-5)
+    assert steps == 3 * horizon
+
+
+def test_rollout_returns_do_not_bootstrap_after_termination():
+    envs = [grad_probe.make_env(LINEAR_ENV) for _ in range(2)]
+    for env in envs:
+        env.unwrapped.terminate_at = 3
+        env.reset(seed=0)
+    actor = constant_actor(envs[0], [0.0, 0.0])
+    p = actor(torch.zeros(1, 2))[0].detach().double().numpy()
+    first = np.array([[1.0, 1.0], [2.0, 0.0]], dtype=np.float32)
+    returns, steps = rollout_returns(envs, np.array([0]), first, actor, LinearQ(WEIGHTS, 100.0), LinearQ(WEIGHTS, 100.0), 10, 1, 0.5, "cpu")
+    assert np.allclose(returns, first.astype(np.float64) @ WEIGHTS + (0.5 + 0.25) * (WEIGHTS @ p), atol=1e-6)
+    assert steps == 2 * 3
+
+
+@pytest.mark.parametrize("action_repeat", [1, 3])
+def test_probe_recovers_the_known_true_gradient(action_repeat):
+    args = Args(probe_states=4, probe_actions=8, probe_start_steps=5, action_repeat=action_repeat, gamma=0.9)
+    envs = [grad_probe.make_env(LINEAR_ENV) for _ in range(8)]
+    torch.manual_seed(0)
+    actor = Actor(2, 2, envs[0].action_space.low, envs[0].action_space.high)
+    qf1 = LinearQ(WEIGHTS, 0.0)
+    probe = run_probe(envs, actor, qf1, LinearQ(WEIGHTS, 1.0), LinearQ(WEIGHTS, 2.0), args, np.random.default_rng(0), 10, "cpu")
+    scale = sum(0.9**t for t in range(action_repeat))
+    assert torch.allclose(probe["true_grad"], torch.as_tensor(scale * WEIGHTS, dtype=torch.float32).expand(4, 2), atol=1e-4)
+    assert torch.allclose(probe["cos"], torch.ones(4))
+    assert probe["actions"].shape == (4, 8, 2) and probe["returns"].shape == (4, 8) and probe["q_values"].shape == (4, 8)
+    low, high = torch.tensor([-3.0, 0.0]), torch.tensor([3.0, 2.0])
+    assert ((probe["actions"] >= low) & (probe["actions"] <= high)).all()
+    assert torch.allclose(probe["actions"][:, 0], actor(probe["obs"]).detach())  # the first action is the policy's own
+    assert probe["env_steps"] > 0
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+def test_cli_trains_and_probes_all_three_critics_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    run(SCRIPT, ["--env-id", LINEAR_ENV, "--total-timesteps", "400", "--learning-starts", "100", "--probe-freq", "200",
+                 "--eval-freq", "200", "--eval-episodes", "2", "--probe-start-steps", "5", "--progress-freq", "200",
+                 "--plot", "--save-model", *TINY], tmp_path)  # fmt: skip
+    results, run_dir = results_of(tmp_path)
+    assert [(p["critic"], p["step"]) for p in results["probes"]] == [(c, s) for c in ("sa-hyper", "as-hyper", "mlp") for s in (200, 400)]
+    assert len(results["evals"]) == 6
+    for p in results["probes"]:  # the environment's return is linear in the first action: the fit must find w exactly
+        assert torch.allclose(p["true_grad"], torch.as_tensor(WEIGHTS, dtype=torch.float32).expand(15, 2), atol=1e-3)
+        assert p["cos"].shape == (15,)
+    for name in ("fig3_gradient_accuracy.png", "fig4_learning_curves.png"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0
+    for critic in ("sa-hyper", "as-hyper", "mlp"):
+        assert glob.glob(os.path.join(run_dir, critic, "events.out.tfevents.*"))
+        assert os.path.exists(os.path.join(run_dir, critic, "grad_probe.cleanrl_model"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "sa-hyper")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"probe/cosine_similarity", "probe/learnable_states_tau_0", "probe/learnable_states_tau_0.8", "eval/episodic_return",
+            "charts/episodic_return", "losses/qf1_loss", "charts/SPS"} <= tags  # fmt: skip
+
+    replot = tmp_path / "replot"
+    run(SCRIPT, ["--plot-from", os.path.join(run_dir, "grad_probe.pt"), "--plot-dir", str(replot)], tmp_path)
+    assert os.path.exists(replot / "fig3_gradient_accuracy.png")
+
+
+def test_probes_do_not_change_training(tmp_path):
+    common = ["--env-id", LINEAR_ENV, "--critics", "mlp", "--total-timesteps", "300", "--learning-starts", "100",
+              "--eval-freq", "0", "--probe-start-steps", "5", "--save-model"]  # fmt: skip
+    models = []
+    for probe_freq, sub in (("100", "with"), ("0", "without")):
+        os.makedirs(tmp_path / sub)
+        run(SCRIPT, [*common, "--probe-freq", probe_freq], tmp_path / sub)
+        (path,) = glob.glob(str(tmp_path / sub / "runs" / "*" / "mlp" / "*.cleanrl_model"))
+        models.append(torch.load(path, weights_only=False))
+    for key in ("actor", "qf1", "qf2"):
+        for name, value in models[0][key].items():
+            assert torch.equal(value, models[1][key][name]), f"{key}.{name}"
+
+
+def test_cli_probes_hyper_td3_snapshots(tmp_path):
+    run(os.path.join(ROOT, "hyper_td3.py"), ["--env-id", LINEAR_ENV, "--critic", "sa-hyper", "--total-timesteps", "300",
+        "--learning-starts", "100", "--eval-freq", "0", "--checkpoint-freq", "0", "--save-model", "--snapshot-freq", "100", *TINY], tmp_path)  # fmt: skip
+    (snapshot_dir,) = glob.glob(str(tmp_path / "runs" / "*" / "snapshots"))
+    os.makedirs(tmp_path / "probe")
+    proc = run(SCRIPT, ["--snapshots", snapshot_dir, "--probe-start-steps", "5"], tmp_path / "probe")
+    results, _ = results_of(tmp_path / "probe")
+    assert [(p["critic"], p["step"]) for p in results["probes"]] == [("sa-hyper", 100), ("sa-hyper", 200), ("sa-hyper", 300)]
+    assert results["env_id"] == LINEAR_ENV
+    for p in results["probes"]:
+        assert torch.allclose(p["true_grad"], torch.as_tensor(WEIGHTS, dtype=torch.float32).expand(15, 2), atol=1e-3)
+    assert "step 300 | CS" in proc.stdout
+
+
+def test_cli_probes_a_mujoco_env(tmp_path):
+    run(SCRIPT, ["--env-id", "Hopper-v4", "--critics", "mlp", "--total-timesteps", "300", "--learning-starts", "100",
+                 "--probe-freq", "300", "--eval-freq", "0", "--probe-start-steps", "30", "--probe-states", "3"], tmp_path)  # fmt: skip
+    results, _ = results_of(tmp_path)
+    (probe,) = results["probes"]
+    assert probe["true_grad"].shape == (3, 3) and torch.isfinite(probe["returns"]).all()
+    assert probe["env_steps"] >= 3 * 15  # every perturbed action was rolled out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--env-id", "CartPole-v1"], "Discrete action space"),
+        (["--env-id", "Pendulum-v1"], "not a MuJoCo environment"),
+        (["--env-id", "NoSuchEnv-v0"], "cannot make environment"),
+        (["--env-id", LINEAR_ENV, "--probe-actions", "3"], "too few"),
+        (["--probe-sigma", "0"], "nothing to fit"),
+        (["--snapshots", "does/not/exist"], "no such file"),
+        (["--plot-from", os.path.join(ROOT, "pyproject.toml")], "cannot load"),
+    ],
+)
+def test_bad_input_gives_one_error_line(tmp_path, extra, message):
+    proc = run(SCRIPT, extra, tmp_path, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
