@@ -40,8 +40,8 @@ One probe:
    has zero norm (e.g. every perturbed rollout ends identically), the direction and so the cosine is undefined
    (the paper's "local equilibrium" states): such states count as not learnable and are left out of the mean.
 
-Logged per critic to TensorBoard (one run directory per critic under runs/{run_name}/): probe/cosine_similarity
-(mean over states, Fig. 3d), probe/learnable_states_tau_{0, 0.2, 0.4, 0.6, 0.8} (fraction of probed states with
+Logged per critic to TensorBoard (one run directory per critic under runs/{run_name}/): grad/cosine_similarity
+(mean over states, Fig. 3d), grad/learnable_states_tau_{0, 0.2, 0.4, 0.6, 0.8} (fraction of probed states with
 CS > tau, Figs. 3b-c), a histogram of the per-state CS, the learning curve (Fig. 4: eval/episodic_return) and
 CleanRL's charts/ and losses/ tags. Every per-state number (observations, actions, returns, critic Q-values and
 gradients, fitted gradients, CS) goes to runs/{run_name}/grad_probe.pt, rewritten after every probe; reload it
@@ -520,14 +520,14 @@ def mean_cosine(cos: torch.Tensor) -> float:
 def log_probe(writer: SummaryWriter, probe: dict, step: int) -> None:
     cos = probe["cos"]
     defined = cos[~torch.isnan(cos)]
-    writer.add_scalar("probe/cosine_similarity", mean_cosine(cos), step)
+    writer.add_scalar("grad/cosine_similarity", mean_cosine(cos), step)
     for tau, fraction in zip(TAUS, learnable_fraction(cos, TAUS)):
-        writer.add_scalar(f"probe/learnable_states_tau_{tau:g}", fraction, step)
-    writer.add_scalar("probe/undefined_states", float(torch.isnan(cos).sum()), step)
+        writer.add_scalar(f"grad/learnable_states_tau_{tau:g}", fraction, step)
+    writer.add_scalar("grad/undefined_states", float(torch.isnan(cos).sum()), step)
     if len(defined):
-        writer.add_histogram("probe/cosine_similarity_per_state", defined, step, bins=np.linspace(-1, 1, 21))
-    writer.add_scalar("probe/seconds", probe["seconds"], step)
-    writer.add_scalar("probe/env_steps", probe["env_steps"], step)
+        writer.add_histogram("grad/cosine_similarity_per_state", defined, step, bins=np.linspace(-1, 1, 21))
+    writer.add_scalar("grad/probe_seconds", probe["seconds"], step)
+    writer.add_scalar("grad/probe_env_steps", probe["env_steps"], step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -922,7 +922,7 @@ if __name__ == "__main__":
         for critic_name in args.critics:
             train_and_probe(args, critic_name, run_dir, results, save_results, device)
     save_results()
-    print(f"results written to {results['path']}; reload with torch.load(path, weights_only=False)")
+    print(f"results written to {results['path']}; reload with torch.load(path)")
     if args.plot:
         for path in plot_results([results], run_dir):
             print(f"wrote {path}")

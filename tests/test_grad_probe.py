@@ -229,7 +229,7 @@ def test_cli_trains_and_probes_all_three_critics_and_plots(tmp_path):
 
     acc = EventAccumulator(os.path.join(run_dir, "sa-hyper")).Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"probe/cosine_similarity", "probe/learnable_states_tau_0", "probe/learnable_states_tau_0.8", "eval/episodic_return",
+    assert {"grad/cosine_similarity", "grad/learnable_states_tau_0", "grad/learnable_states_tau_0.8", "eval/episodic_return",
             "charts/episodic_return", "losses/qf1_loss", "charts/SPS"} <= tags  # fmt: skip
 
     replot = tmp_path / "replot"
