@@ -1,12 +1,18 @@
+import copy
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
+from torch.distributions import Normal
 
-from hyper_maml import (FAMILIES, FAMILY_SPECS, Task, ant_is_healthy, family_spec, make_task_env, make_task_pool,
-                        task_context)
+from hyper_maml import (FAMILIES, FAMILY_SPECS, LOG_STD_MIN, ContextPolicy, Episodes, HyperPolicy, MetaTask, Task,
+                        VanillaPolicy, adapt, ant_is_healthy, conjugate_gradient, episode_advantages, family_spec,
+                        fisher_vector_product, gae_advantages, init_hypernetwork, inner_loss, line_search,
+                        linear_feature_baseline, make_task_env, make_task_pool, mean_kl, meta_objective, surrogate_loss,
+                        task_context, trpo_step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 0.05
@@ -253,3 +259,378 @@ def test_script_says_training_is_not_implemented_yet():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "hyper_maml.py")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "not implemented" in proc.stderr
+
+
+# --- policies ---------------------------------------------------------------------------------
+
+OBS, ACT = 3, 2
+
+
+def tiny_policy(kind, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    if kind == "vanilla":
+        policy = VanillaPolicy(OBS, ACT, hidden=(5, 4))
+    elif kind == "context":
+        policy = ContextPolicy(OBS, ACT, hidden=(5, 4))
+    else:
+        policy = HyperPolicy(OBS, ACT, embedding_dim=16, blocks=1, dynamic_hidden=5)
+        init_hypernetwork(policy, "kaiming", torch.linspace(-1.0, 1.0, 9).view(-1, 1))
+    with torch.no_grad():
+        policy.log_std.copy_(torch.linspace(-0.5, 0.3, ACT))
+    return policy.to(dtype)
+
+
+def random_episodes(n=3, t=6, seed=0, terminated_at=4, dtype=torch.float64):
+    """n random episodes of t steps; the last one terminates after `terminated_at` steps (zero padding after)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, t, dtype=dtype)
+    mask[-1, terminated_at:] = 0.0
+    obs = torch.randn(n, t, OBS, generator=g, dtype=dtype) * mask[..., None]
+    actions = torch.randn(n, t, ACT, generator=g, dtype=dtype) * mask[..., None]
+    rewards = torch.randn(n, t, generator=g, dtype=dtype) * mask
+    return Episodes(obs, actions, rewards, mask)
+
+
+def meta_task(seed, context):
+    train, valid = random_episodes(seed=2 * seed), random_episodes(seed=2 * seed + 1)
+    context = torch.tensor([context], dtype=torch.float64)
+    return MetaTask(context, train, episode_advantages(train, gamma=0.9), valid, episode_advantages(valid, gamma=0.9))
+
+
+def manual_mean(policy, obs, context):
+    """The policy mean computed by hand from its parameters, independently of its forward."""
+    if isinstance(policy, HyperPolicy):
+        e = policy.primary(context)
+        x = obs
+        for i, head in enumerate(policy.heads):
+            weight = head.weight(e).view(head.fan_out, head.fan_in)
+            x = (1 + head.gain(e)) * (x @ weight.T) + head.bias(e)
+            x = torch.relu(x) if i == 0 else x
+        return x
+    x = torch.cat([obs, context.expand(*obs.shape[:-1], -1)], -1) if isinstance(policy, ContextPolicy) else obs
+    for i, fc in enumerate(policy.fcs):
+        x = x @ fc.weight.T + fc.bias
+        x = torch.relu(x) if i < len(policy.fcs) - 1 else x
+    return x
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "context", "hyper"])
+def test_log_prob_is_the_normal_log_density_summed_over_action_dims(kind):
+    policy, episodes, context = tiny_policy(kind), random_episodes(), torch.tensor([0.3], dtype=torch.float64)
+    with torch.no_grad():
+        policy.log_std.copy_(torch.tensor([-20.0, 0.4]))  # the first is clamped to log(1e-6)
+    std = torch.tensor([1e-6, np.exp(0.4)], dtype=torch.float64)
+    expected = Normal(manual_mean(policy, episodes.obs, context), std).log_prob(episodes.actions).sum(-1)
+    log_probs = policy.log_prob(episodes.obs, episodes.actions, context)
+    assert log_probs.shape == (3, 6)
+    torch.testing.assert_close(log_probs, expected, rtol=1e-10, atol=1e-6)
+    assert LOG_STD_MIN == pytest.approx(np.log(1e-6))
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "context", "hyper"])
+def test_explicit_params_act_as_loaded_params_and_keep_their_graph(kind):
+    policy, episodes, context = tiny_policy(kind), random_episodes(), torch.tensor([-0.4], dtype=torch.float64)
+    torch.manual_seed(1)
+    params = {name: (p.detach() + 0.1 * torch.randn_like(p)).requires_grad_() for name, p in policy.named_parameters()}
+    own = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    loaded = copy.deepcopy(policy)
+    loaded.load_state_dict(params)
+    log_probs = policy.log_prob(episodes.obs, episodes.actions, context, params)
+    torch.testing.assert_close(log_probs, loaded.log_prob(episodes.obs, episodes.actions, context), rtol=1e-12, atol=0)
+    assert not torch.allclose(log_probs, policy.log_prob(episodes.obs, episodes.actions, context))
+    grads = torch.autograd.grad(log_probs.sum(), list(params.values()))
+    assert all(g.abs().sum() > 0 for g in grads)  # every explicit parameter is in the graph
+    for name, p in policy.named_parameters():
+        assert torch.equal(p, own[name])  # the module's own parameters are untouched
+
+
+def test_vanilla_and_context_policies_are_the_authors_mlp():
+    vanilla, context = VanillaPolicy(20, 6), ContextPolicy(20, 6, context_dim=1)
+    # research notes §2.3: 12,812 (obs 20, act 6) and 13,716 (27, 8) parameters
+    assert sum(p.numel() for p in vanilla.parameters()) == 12812
+    assert sum(p.numel() for p in VanillaPolicy(27, 8).parameters()) == 13716
+    assert sum(p.numel() for p in context.parameters()) == 12812 + 100
+    for policy, fan_in in ((vanilla, 20), (context, 21)):
+        assert [fc.weight.shape for fc in policy.fcs] == [(100, fan_in), (100, 100), (6, 100)]
+        for fc in policy.fcs:
+            assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
+            bound = np.sqrt(6.0 / (fc.in_features + fc.out_features))  # xavier-uniform
+            assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.9 * bound
+        assert torch.equal(policy.log_std, torch.zeros(6))
+        dist = policy.distribution(torch.randn(4, 200, 20), torch.tensor([0.5]))
+        assert dist.mean.shape == dist.stddev.shape == (4, 200, 6)
+        torch.testing.assert_close(dist.stddev, torch.ones(4, 200, 6))
+
+
+def test_context_policy_depends_on_the_context_and_vanilla_does_not():
+    obs = torch.randn(2, 5, OBS, dtype=torch.float64)
+    for kind, depends in (("vanilla", False), ("context", True), ("hyper", True)):
+        policy = tiny_policy(kind)
+        means = [policy.distribution(obs, torch.tensor([c], dtype=torch.float64)).mean for c in (-1.0, 1.0)]
+        assert (not torch.allclose(*means)) is depends
+
+
+def test_hyper_policy_has_the_authors_architecture():
+    policy = HyperPolicy(20, 6)
+    # research notes §2.3: 13.53 M parameters for obs 20, act 6, of which the primary network is 6.17 M
+    assert sum(p.numel() for p in policy.parameters()) == 13529106
+    assert sum(p.numel() for p in policy.primary.parameters()) == 6169600
+    assert [(h.fan_in, h.fan_out) for h in policy.heads] == [(20, 256), (256, 6)]
+    assert policy.log_std.shape == (6,) and torch.equal(policy.log_std, torch.zeros(6))
+    dist = policy.distribution(torch.randn(4, 200, 20), torch.tensor([0.5]))
+    assert dist.mean.shape == dist.stddev.shape == (4, 200, 6)
+
+
+def test_kaiming_hyper_init_generates_kaiming_uniform_dynamic_weights_over_the_train_contexts():
+    torch.manual_seed(0)
+    train, _ = make_task_pool("HalfCheetahVel", seed=0)
+    contexts = torch.tensor(np.stack([task_context("HalfCheetahVel", task) for task in train]))
+    policy = HyperPolicy(17, 6)
+    init_hypernetwork(policy, "kaiming", contexts)
+    with torch.no_grad():
+        e = policy.primary(contexts)
+        (w1, b1, g1), (w2, b2, g2) = (head(e) for head in policy.heads)
+    assert w1.shape == (100, 256, 17) and w2.shape == (100, 6, 256)
+    # Kaiming-uniform: rms sqrt(2 / fan_in) before the ReLU, sqrt(1 / fan_in) for the linear output layer
+    assert w1.pow(2).mean().sqrt().item() == pytest.approx(np.sqrt(2.0 / 17), rel=0.05)
+    assert w2.pow(2).mean().sqrt().item() == pytest.approx(np.sqrt(1.0 / 256), rel=0.05)
+    for generated in (b1, g1, b2, g2):
+        assert torch.equal(generated, torch.zeros_like(generated))  # zero biases, unit gains (1 + g)
+    assert w1.std(0).mean() > 0.1 * w1.abs().mean()  # the weights do depend on the context
+
+
+def test_authors_hyper_init_uses_their_constants():
+    torch.manual_seed(0)
+    policy = HyperPolicy(OBS, ACT, embedding_dim=32, blocks=1, dynamic_hidden=16)
+    init_hypernetwork(policy, "authors", torch.zeros(1, 1))
+    for module in policy.primary.modules():
+        if isinstance(module, torch.nn.Linear):
+            bound = 1.0 / (2.0 * np.sqrt(module.in_features))
+            assert module.weight.abs().max() <= bound and module.weight.abs().max() > 0.8 * bound
+    for head, bound in zip(policy.heads, (0.05, 0.008)):
+        for fc in (head.weight, head.bias, head.gain):
+            assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.8 * bound
+            assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
+    with pytest.raises(ValueError, match="kaiming or authors"):
+        init_hypernetwork(policy, "xavier", torch.zeros(1, 1))
+
+
+def test_hyper_primary_network_runs_once_per_task_for_a_batch_of_states():
+    policy = tiny_policy("hyper")
+    calls = []
+    policy.primary.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape))
+    episodes, context = random_episodes(n=4, t=200), torch.tensor([0.2], dtype=torch.float64)
+    log_probs = policy.log_prob(episodes.obs, episodes.actions, context)
+    log_probs.sum().backward()
+    assert calls == [(1,)]
+    params = dict(policy.named_parameters())
+    adapted = adapt(policy, params, episodes, context, torch.ones(4, 200, dtype=torch.float64), 0.1, first_order=False)
+    policy.log_prob(episodes.obs, episodes.actions, context, adapted)
+    assert calls == [(1,)] * 3  # the inner loss and the adapted policy: one primary call each
+    # a lockstep sampler: one call for 3 tasks, then the conditioned policy is reused at every step
+    contexts = torch.tensor([[-1.0], [0.2], [1.0]], dtype=torch.float64)
+    task_policy = policy.condition(contexts)
+    steps = [task_policy(torch.randn(3, 7, OBS, dtype=torch.float64)) for _ in range(5)]
+    assert calls == [(1,)] * 3 + [(3, 1)] and steps[0].mean.shape == (3, 7, ACT)
+    # the batched tasks give each task's own distribution
+    obs = torch.randn(3, 4, 200, OBS, dtype=torch.float64)
+    batched = policy.distribution(obs, contexts).mean
+    for i in range(3):
+        torch.testing.assert_close(batched[i], policy.distribution(obs[i], contexts[i]).mean)
+
+
+# --- MAML-TRPO building blocks ----------------------------------------------------------------
+
+
+def test_conjugate_gradient_solves_an_spd_system():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    a, b = m @ m.T + 0.5 * torch.eye(8, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    expected = torch.linalg.solve(a, b)
+    torch.testing.assert_close(conjugate_gradient(lambda v: a @ v, b, iters=20), expected, rtol=1e-8, atol=1e-8)
+    # 10 iterations of CG are exact for an n = 8 system up to rounding, and stop early at a zero residual
+    torch.testing.assert_close(conjugate_gradient(lambda v: a @ v, b, iters=10), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(conjugate_gradient(lambda v: a @ v, torch.zeros(8, dtype=torch.float64)), torch.zeros(8, dtype=torch.float64))
+
+
+def flat_to_params(flat, like):
+    chunks = torch.split(flat, [p.numel() for p in like.values()])
+    return {name: c.view_as(p) for (name, p), c in zip(like.items(), chunks)}
+
+
+@pytest.mark.parametrize("at_old", [True, False])
+def test_fisher_vector_product_is_the_kl_hessian_times_v_plus_damping(at_old):
+    policy, episodes, context = tiny_policy("context"), random_episodes(), torch.tensor([0.7], dtype=torch.float64)
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        old = policy.distribution(episodes.obs, context)
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    if not at_old:
+        flat = flat + 0.05 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kl_of_flat = lambda x: mean_kl(policy, flat_to_params(x, params), episodes, context, old)  # noqa: E731
+    hessian = torch.autograd.functional.hessian(kl_of_flat, flat)
+    point = {name: p.detach().clone().requires_grad_() for name, p in flat_to_params(flat, params).items()}
+    fvp = fisher_vector_product(kl_of_flat(torch.cat([p.reshape(-1) for p in point.values()])), point, damping=1e-3)
+    for seed in range(3):
+        v = torch.randn(flat.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        torch.testing.assert_close(fvp(v), hessian @ v + 1e-3 * v, rtol=1e-8, atol=1e-10)
+    if at_old:  # at theta_old the KL Hessian is the Fisher: positive semi-definite, with a non-trivial spectrum
+        eigenvalues = torch.linalg.eigvalsh(hessian)
+        assert eigenvalues.min() > -1e-10 and eigenvalues.max() > 1e-2
+
+
+def quadratic_objective(direction, x0, kl_scale=1.0, kl_offset=0.0):
+    """surrogate(x) = -direction . x; kl(x) = kl_offset + kl_scale * 0.5 |x - x0|^2."""
+    return lambda theta: (-(direction @ theta["x"]), kl_offset + kl_scale * 0.5 * (theta["x"] - x0).pow(2).sum())
+
+
+def test_line_search_backtracks_to_the_first_step_inside_the_trust_region():
+    x0, direction = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([0.6, 0.8], dtype=torch.float64)
+    params, full_step = {"x": x0.clone().requires_grad_()}, 1.0 * direction  # full step: kl 0.5 > max_kl 0.01
+    new, stats = line_search(quadratic_objective(direction, x0), params, full_step, -(direction @ x0).item(), max_kl=0.01)
+    k = next(k for k in range(20) if 0.5 * 0.8 ** (2 * k) <= 0.01)  # the first backtrack inside the trust region
+    assert k > 0 and stats["ls_steps"] == k
+    torch.testing.assert_close(new["x"].detach(), x0 + 0.8**k * full_step)
+    assert stats["kl"] <= 0.01 and stats["kl"] == pytest.approx(0.5 * 0.8 ** (2 * k))
+    assert stats["surrogate"] < -(direction @ x0).item()
+
+
+@pytest.mark.parametrize("case", ["never_improves", "kl_always_too_large", "nan"])
+def test_line_search_keeps_the_old_params_when_no_step_is_acceptable(case):
+    x0, direction = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([0.6, 0.8], dtype=torch.float64)
+    params = {"x": x0.clone().requires_grad_()}
+    objective = {
+        "never_improves": quadratic_objective(-direction, x0),  # the step goes uphill at every scale
+        "kl_always_too_large": quadratic_objective(direction, x0, kl_offset=0.02),
+        "nan": lambda theta: (theta["x"].sum() * float("nan"), theta["x"].sum() * 0.0),
+    }[case]
+    surrogate_before = objective(params)[0].item()
+    new, stats = line_search(objective, params, 1e-3 * direction, surrogate_before, max_kl=0.01, max_steps=20)
+    assert new is params and torch.equal(new["x"], x0)
+    assert stats["ls_steps"] == -1
+
+
+def test_trpo_step_takes_the_natural_gradient_step_to_the_kl_boundary():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    fisher, grad = m @ m.T + torch.eye(4, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    x0 = torch.randn(4, generator=g, dtype=torch.float64)
+    objective = lambda theta: (grad @ theta["x"], 0.5 * (theta["x"] - x0) @ fisher @ (theta["x"] - x0))  # noqa: E731
+    new, stats = trpo_step({"x": x0.clone().requires_grad_()}, objective, max_kl=0.01, damping=1e-8)
+    natural = torch.linalg.solve(fisher, grad)
+    expected = x0 - torch.sqrt(2 * 0.01 / (grad @ natural)) * natural  # 0.5 s^T F s = max_kl exactly
+    assert stats["ls_steps"] == 0
+    torch.testing.assert_close(new["x"].detach(), expected, rtol=1e-6, atol=1e-8)
+    assert stats["kl"] == pytest.approx(0.01, rel=1e-5) and stats["surrogate"] < stats["surrogate_before"]
+
+
+def test_linear_baseline_fits_a_return_that_is_linear_in_its_features():
+    n, t, gamma = 4, 200, 0.9
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(n, t, OBS, generator=g, dtype=torch.float64)
+    time = (torch.arange(t, dtype=torch.float64) / 100.0).view(1, t, 1).expand(n, t, 1)
+    features = torch.cat([obs, obs**2, time, time**2, time**3, torch.ones_like(time)], -1)
+    mask = torch.ones(n, t, dtype=torch.float64)
+    mask[1, 120:] = 0.0  # an episode that terminated after 120 steps
+    returns = features @ torch.randn(features.shape[-1], generator=g, dtype=torch.float64) * mask
+    rewards = (returns - gamma * torch.cat([returns[:, 1:], torch.zeros(n, 1, dtype=torch.float64)], 1)) * mask
+    values = linear_feature_baseline(obs * mask[..., None], rewards, mask, gamma)
+    assert values.shape == (n, t)
+    torch.testing.assert_close(values * mask, returns, rtol=0, atol=1e-4)
+    assert torch.equal(values[1, 120:], torch.zeros(80, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="linear baseline"):
+        linear_feature_baseline(obs * float("nan"), rewards, mask, gamma)
+
+
+def test_gae_with_lambda_one_is_discounted_return_minus_value_and_ignores_padding():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)  # episode 2 terminated after 2 steps
+    values = torch.tensor([[0.5, 1.0, -1.0], [2.0, 3.0, 100.0]], dtype=torch.float64)  # 100: padding, must not leak
+    # gamma 0.5: returns 1 + 0.5 * 2 + 0.25 * 3 = 2.75, 2 + 1.5 = 3.5, 3; and 4 + 2.5 = 6.5, 5
+    expected = torch.tensor([[2.75 - 0.5, 3.5 - 1.0, 3.0 + 1.0], [6.5 - 2.0, 5.0 - 3.0, 0.0]], dtype=torch.float64)
+    raw = gae_advantages(rewards, values, mask, gamma=0.5, lam=1.0, normalize=False)
+    torch.testing.assert_close(raw, expected)
+    normalized = gae_advantages(rewards, values, mask, gamma=0.5, lam=1.0)
+    valid = expected[mask.bool()]
+    torch.testing.assert_close(normalized[mask.bool()], (valid - valid.mean()) / (valid.std(unbiased=False) + 1e-8))
+    assert normalized[1, 2] == 0.0
+    # lam < 1 really discounts the TD errors: lam = 0 gives the one-step TD error
+    td0 = gae_advantages(rewards, values, mask, gamma=0.5, lam=0.0, normalize=False)
+    torch.testing.assert_close(td0[0], torch.tensor([1.0 + 0.5 - 0.5, 2.0 - 0.5 - 1.0, 3.0 + 1.0], dtype=torch.float64))
+    assert td0[1, 1] == 5.0 - 3.0
+
+
+def test_adapt_takes_one_gradient_step_on_every_parameter():
+    policy, episodes, context = tiny_policy("hyper"), random_episodes(), torch.tensor([0.1], dtype=torch.float64)
+    advantages = episode_advantages(episodes)
+    params = dict(policy.named_parameters())
+    grads = torch.autograd.grad(inner_loss(policy, params, episodes, context, advantages), list(params.values()))
+    for first_order in (False, True):
+        adapted = adapt(policy, params, episodes, context, advantages, 0.3, first_order)
+        assert adapted.keys() == params.keys()
+        for (name, p), g in zip(params.items(), grads):
+            torch.testing.assert_close(adapted[name], p - 0.3 * g)
+            assert g.abs().sum() > 0 or name.endswith(("bias.weight", "gain.weight"))  # zero-initialised heads
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "context", "hyper"])
+def test_second_order_meta_gradient_matches_finite_differences_and_differs_from_first_order(kind):
+    policy = tiny_policy(kind)
+    params = dict(policy.named_parameters())
+    tasks, step_size = [meta_task(0, -0.5), meta_task(1, 0.8)], 0.02 if kind == "hyper" else 0.1
+    exact = meta_objective(policy, params, tasks, step_size, first_order=False)
+    first = meta_objective(policy, params, tasks, step_size, first_order=True)
+    grad = torch.autograd.grad(exact(params)[0], list(params.values()))
+    grad_first = torch.autograd.grad(first(params)[0], list(params.values()))
+    g = torch.Generator().manual_seed(0)
+    eps = 1e-7  # the hyper objective has large third derivatives: central differences need a small step
+    for _ in range(3):
+        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params.values()]
+        shifted = lambda s: {n: p.detach() + s * eps * d for (n, p), d in zip(params.items(), v)}  # noqa: E731
+        numeric = (exact(shifted(1.0))[0] - exact(shifted(-1.0))[0]).item() / (2 * eps)
+        second_order = sum((a * d).sum() for a, d in zip(grad, v)).item()
+        first_order = sum((a * d).sum() for a, d in zip(grad_first, v)).item()
+        assert second_order == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+        assert abs(first_order - numeric) > 1e-3 * max(1.0, abs(numeric))
+
+
+def test_kl_is_from_old_to_new_summed_over_actions_and_surrogate_weights_advantages_by_the_ratio():
+    policy, episodes, context = tiny_policy("vanilla"), random_episodes(), torch.tensor([0.0], dtype=torch.float64)
+    params = dict(policy.named_parameters())
+    mean_old, std_old = torch.randn(3, 6, ACT, dtype=torch.float64), torch.tensor([0.3, 2.0], dtype=torch.float64)
+    old = Normal(mean_old, std_old)
+    new = policy.distribution(episodes.obs, context)
+    mean_new, std_new = new.mean, new.stddev
+    # closed form KL(N_old || N_new) per dimension, summed over the action dims, averaged over the 16 valid steps
+    kl = torch.log(std_new / std_old) + (std_old**2 + (mean_old - mean_new) ** 2) / (2 * std_new**2) - 0.5
+    expected = (kl.sum(-1) * episodes.mask).sum() / 16
+    torch.testing.assert_close(mean_kl(policy, params, episodes, context, old), expected)
+    advantages = torch.randn(3, 6, dtype=torch.float64) * episodes.mask
+    old_log_probs = policy.log_prob(episodes.obs, episodes.actions, context) - np.log(2.0)  # ratio 2 everywhere
+    loss = surrogate_loss(policy, params, episodes, context, advantages, old_log_probs.detach())
+    torch.testing.assert_close(loss, -2.0 * advantages.sum() / 16)
+
+
+def test_meta_objective_starts_at_ratio_one_with_zero_kl():
+    policy = tiny_policy("context")
+    params = dict(policy.named_parameters())
+    tasks = [meta_task(0, -0.5), meta_task(1, 0.8)]
+    surrogate, kl = meta_objective(policy, params, tasks, step_size=0.5, first_order=False)(params)
+    expected = -np.mean([(t.valid_advantages * t.valid.mask).sum().item() / t.valid.mask.sum().item() for t in tasks])
+    assert surrogate.item() == pytest.approx(expected, abs=1e-12)
+    assert kl.item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "hyper"])
+def test_trpo_step_on_a_meta_batch_improves_the_surrogate_within_the_trust_region(kind):
+    policy = tiny_policy(kind)
+    params = dict(policy.named_parameters())
+    tasks = [meta_task(0, -0.5), meta_task(1, 0.8)]
+    objective = meta_objective(policy, params, tasks, step_size=0.5, first_order=False)
+    new, stats = trpo_step(params, objective, max_kl=0.01)
+    assert stats["ls_steps"] >= 0
+    surrogate, kl = objective(new)
+    assert surrogate.item() == pytest.approx(stats["surrogate"]) and surrogate.item() < stats["surrogate_before"]
+    assert 0.0 < kl.item() <= 0.01
+    policy.load_state_dict(new)
+    torch.testing.assert_close(objective(dict(policy.named_parameters()))[0], surrogate)
