@@ -12,14 +12,54 @@
 """MAML with Vanilla, Context and Hyper policies on the paper's meta-RL task families.
 
 Implements the MAML experiments of Keynan, Sarafian & Kraus, "Recomposing the Reinforcement Learning Building Blocks
-with Hypernetworks" (ICML 2021), Sec. 5: MAML-TRPO (Finn, Abbeel & Levine, ICML 2017) meta-trains a Gaussian policy
+with Hypernetworks" (ICML 2021), Sec. 4-5: MAML-TRPO (Finn, Abbeel & Levine, ICML 2017) meta-trains a Gaussian policy
 that is either a plain MLP (Vanilla), an MLP fed the oracle task context (Context), or a hypernetwork whose dynamic
-policy weights are generated from the context (Hyper), on Half-Cheetah-Fwd-Back, Ant-Fwd-Back, Half-Cheetah-Vel,
-Ant-Vel and the out-of-distribution Half-Cheetah-Vel-Medium. So far this file holds the task families, the three
-policies and the MAML-TRPO building blocks; sampling and the training loop are not in yet.
+policy weights are generated from the context (Hyper, paper eq. 16), on Half-Cheetah-Fwd-Back, Ant-Fwd-Back,
+Half-Cheetah-Vel, Ant-Vel and the out-of-distribution Half-Cheetah-Vel-Medium. Each meta-iteration draws 40 tasks,
+samples 20 episodes per task, adapts with one policy-gradient step per task, samples 20 more episodes with the adapted
+policy and takes one TRPO step on the meta-objective; the test tasks are scored before and after one adaptation step
+(the paper: Hyper-MAML needs no adaptation step). The gradient-variance experiment of Fig. 5 runs with
+--variance-iters (see `variance_experiment`).
+
+    python hyper_maml.py --env-id HalfCheetahVel --policy hyper       # Hyper-MAML (default)
+    python hyper_maml.py --env-id HalfCheetahVel --policy context     # Context-MAML
+    python hyper_maml.py --env-id AntFwdBack --policy vanilla         # Vanilla-MAML
+    python hyper_maml.py --policy context --variance-iters 1 100 200 400   # with the Fig. 5 experiment
+    python hyper_maml.py --help                                       # every flag, with its meaning
+
+Defaults are the authors' (github keynans/HypeRL, MAML/main.py; research notes §2.1): meta-batch 40, 20 episodes per
+task, 400 meta-iterations, gamma 0.95, GAE lambda 1, inner step 0.1 (MLPs) or 5e-5 (Hyper), max KL 0.01, 10 CG
+iterations, damping 1e-5, 20 line-search steps of 0.8, 100-100 MLPs, 100 train and 20 test tasks, seed 0. CPU only.
+
+Where this differs from the authors' MAML code (HypeRL MAML/, a fork of pytorch-maml-rl v1):
+
+- Truly second-order meta-gradient and Fisher (the graph runs through the inner step) unless --first-order; the
+  authors' policies ignored the adapted params, so their meta-update was effectively first-order (notes §2.4).
+- Ant-Fwd-Back is a true forward/backward task (theirs rewarded running at +-1 rad); the contact cost is non-zero
+  here (`TaskEnv`).
+- Gymnasium v4 observations (HalfCheetah 17-D, without their appended torso x, y, z), MuJoCo 3+, explicit 200-step
+  episodes, actions clipped to [-1, 1] before the env as their NormalizedActionWrapper did.
+- Oracle context: velocities map [0, 3) onto [-1, 1) with a fixed affine map (theirs: min-max over the train pool onto
+  [0, 1], so Vel-Medium's test goals land near 1.0-1.2); directions are +-1 in both.
+- The inner step updates all parameters, as theirs (the whole primary network and heads for Hyper, and log-std).
+- TRPO's KL is KL(pi_old || pi_new), the direction of the TRPO paper; theirs was KL(pi_new || pi_old) (same Fisher).
+- Hyper initialization: --hyper-init kaiming (the paper's statement) by default; --hyper-init authors for their
+  constants. Task pools come from our own seeded generator, so the goals differ from theirs.
+- Test evaluation (their protocol: 20 stochastic episodes per test task, before and after one inner step) runs every
+  --eval-freq meta-iterations after the update, not every iteration; its env resets and noise are the same at every
+  evaluation, and it does not touch the training randomness.
+- All env resets are seeded (their worker envs were not), so a run is reproducible and resumes exactly.
+
+Where it differs from pytorch-maml-rl (tristandeleu, v1): all envs of a meta-batch step in lockstep in one process
+with one batched policy call per step (instead of a pool of worker processes); the authors' values above (20
+line-search steps instead of 15, inner step 0.1 / 5e-5 instead of 0.5, 400 meta-iterations instead of 200);
+float32 observations; exact checkpoint/resume and a non-finite guard.
 """
 
+import os
+import random
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Literal, Optional, get_args
@@ -29,8 +69,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tyro
 from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
+from torch.utils.tensorboard import SummaryWriter
 
 
 # Task families (paper Sec. 5; research notes §1)
@@ -217,6 +259,8 @@ def task_context(family: str, task: Task) -> np.ndarray:
 # `named_parameters()` (missing names fall back to the module's own). They run `policy(context)` under
 # torch.func.functional_call, and every forward reads its parameters there and binds them into the TaskPolicy it
 # returns, so MAML's adapted parameters theta' = theta - alpha grad L keep their graph to theta (second-order MAML).
+# A TaskPolicy's mean is always functools.partial(pure function, *tensors); `stack_task_policies` relies on it to run
+# tasks conditioned on different parameters (each task's adapted theta'_i) in one vmapped call.
 
 LOG_STD_MIN = float(np.log(1e-6))
 
@@ -289,13 +333,14 @@ class ContextPolicy(VanillaPolicy):
 
     def forward(self, context: torch.Tensor) -> TaskPolicy:
         layers = [(fc.weight, fc.bias) for fc in self.fcs]
+        return TaskPolicy(partial(context_mlp_forward, layers, context), self.std())
 
-        def mean(obs):
-            state_dims = (1,) * (obs.dim() - context.dim())
-            per_state = context.reshape(*context.shape[:-1], *state_dims, context.shape[-1])
-            return mlp_forward(layers, torch.cat([obs, per_state.expand(*obs.shape[:-1], -1)], -1))
 
-        return TaskPolicy(mean, self.std())
+def context_mlp_forward(layers, context, obs):
+    """mlp_forward on concat(s, c), with each task's context c (*tasks, context_dim) repeated over its states."""
+    state_dims = (1,) * (obs.dim() - context.dim())
+    per_state = context.reshape(*context.shape[:-1], *state_dims, context.shape[-1])
+    return mlp_forward(layers, torch.cat([obs, per_state.expand(*obs.shape[:-1], -1)], -1))
 
 
 class ResBlock(nn.Module):
@@ -656,6 +701,504 @@ def trpo_step(params: dict, objective: Callable, max_kl: float = 0.01, damping: 
     return new_params, {**stats, "surrogate_before": before}
 
 
+# Sampling (research notes §2.2, §2.5)
+#
+# The authors sample each task's 20 episodes in cpu_count - 1 worker processes. Here all B tasks x E episodes of a
+# call run in lockstep in this process, one env per episode (the envs are made once and reused), and the policy is
+# called once per step for all of them: `policy.condition` once per call (one primary-network pass for all B tasks),
+# then the TaskPolicy on obs (B, E, obs_dim). Env resets and action noise come from one numpy Generator, so sampling
+# is reproducible and a checkpoint that saves the Generator's state resumes it exactly.
+
+
+def make_task_envs(family: str, n: int) -> list[TaskEnv]:
+    """n envs of the family for the lockstep sampler (their tasks are set per call). MuJoCo's model compiler writes a
+    deprecation warning straight to file descriptor 2 for every HalfCheetah it builds; only the first one's is shown."""
+    envs = [make_task_env(family, Task(1.0))]
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        envs += [make_task_env(family, Task(1.0)) for _ in range(n - 1)]
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+    return envs
+
+
+def task_contexts(family: str, tasks: list[Task]) -> torch.Tensor:
+    """The tasks' oracle contexts (`task_context`), float32 (len(tasks), context_dim)."""
+    return torch.as_tensor(np.stack([task_context(family, task) for task in tasks]))
+
+
+def stack_trees(trees: list):
+    """torch.stack along a new leading dim of the matching tensors of equally nested lists/tuples of tensors."""
+    if isinstance(trees[0], torch.Tensor):
+        return torch.stack(trees)
+    return type(trees[0])(stack_trees(list(parts)) for parts in zip(*trees))
+
+
+def stack_task_policies(task_policies: list[TaskPolicy]) -> TaskPolicy:
+    """One TaskPolicy for B tasks that were each conditioned on their own parameters (MAML's adapted theta'_i): the
+    per-state networks' tensors are stacked over the tasks and every call runs them in one torch.vmap call on obs
+    (B, E, obs_dim). The std becomes (B, 1, act_dim), so it broadcasts over exactly one state dim. Needs every mean
+    to be functools.partial of the same function (true for all three policies, see the Policies section comment)."""
+    means = [task_policy.mean for task_policy in task_policies]
+    func = means[0].func if isinstance(means[0], partial) else None
+    if func is None or any(not isinstance(mean, partial) or mean.func is not func or mean.keywords for mean in means):
+        raise ValueError("stack_task_policies needs TaskPolicy means that are partials of one function")
+    args = stack_trees([mean.args for mean in means])
+    std = torch.stack([task_policy.std for task_policy in task_policies]).unsqueeze(1)
+    return TaskPolicy(partial(vmapped_mean, func, args), std)
+
+
+def vmapped_mean(func, args, obs):
+    return torch.vmap(func)(*args, obs)
+
+
+def sample_episodes(envs: list[TaskEnv], tasks: list[Task], policy: GaussianPolicy, params, n_episodes: int,
+                    rng: np.random.Generator) -> list[Episodes]:  # fmt: skip
+    """n_episodes episodes of each of the B tasks, sampled stochastically from the policy (as the authors, both in
+    training and evaluation), all B x n_episodes envs in lockstep: env b * n_episodes + e runs episode e of task b.
+
+    params: None (the policy's own) or one dict for all tasks, conditioned once on the B contexts (B, 1); or one dict
+    per task (a list, or an iterator, so that e.g. adapted parameters are made one at a time and dropped once
+    conditioned), conditioned task by task and stacked with `stack_task_policies`. At each step, one policy call on
+    obs (B, n_episodes, obs_dim) gives Normal(mu, sigma); the action is mu + sigma * eps with eps ~ N(0, I) drawn from
+    `rng`, as are the seeds of the env resets. The action stored is the sampled one; the env clips it (TaskEnv).
+
+    Returns one `Episodes` per task, float32, padded to the longest episode (200 steps unless every episode ended
+    earlier by an Ant termination); the mask is 0 after an episode's last step. Raises FloatingPointError on a
+    non-finite action, observation or reward, before the env is stepped with it."""
+    n_tasks, n_envs = len(tasks), len(tasks) * n_episodes
+    if len(envs) < n_envs:
+        raise ValueError(f"{n_tasks} tasks x {n_episodes} episodes need {n_envs} envs, got {len(envs)}")
+    envs = envs[:n_envs]
+    contexts = task_contexts(envs[0].family, tasks)
+    obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
+    obs = np.zeros((n_envs, EPISODE_STEPS, obs_dim), dtype=np.float32)
+    actions = np.zeros((n_envs, EPISODE_STEPS, act_dim), dtype=np.float32)
+    rewards = np.zeros((n_envs, EPISODE_STEPS), dtype=np.float32)
+    mask = np.zeros((n_envs, EPISODE_STEPS), dtype=np.float32)
+    for i, env in enumerate(envs):
+        env.set_task(tasks[i // n_episodes])
+    seeds = rng.integers(0, 2**31 - 1, size=n_envs)
+    current = np.stack([env.reset(seed=int(seed))[0] for env, seed in zip(envs, seeds)]).astype(np.float32)
+    alive = np.ones(n_envs, dtype=bool)
+    with torch.no_grad():
+        if params is None or isinstance(params, dict):
+            task_policy = policy.condition(contexts, params)
+        else:
+            task_policy = stack_task_policies([policy.condition(c, p) for c, p in zip(contexts, params)])
+        for t in range(EPISODE_STEPS):
+            if not alive.any():
+                break
+            distribution = task_policy(torch.from_numpy(current).view(n_tasks, n_episodes, obs_dim))
+            noise = torch.from_numpy(rng.standard_normal((n_tasks, n_episodes, act_dim), dtype=np.float32))
+            action = (distribution.loc + distribution.scale * noise).reshape(n_envs, act_dim).numpy()
+            for i in np.flatnonzero(alive):
+                if not np.isfinite(action[i]).all():
+                    raise FloatingPointError(f"non-finite action {action[i]} from the policy")
+                next_obs, reward, terminated, truncated, _ = envs[i].step(action[i])
+                if not (np.isfinite(next_obs).all() and np.isfinite(reward)):
+                    raise FloatingPointError(f"non-finite observation or reward ({reward}) from {envs[i].family}")
+                obs[i, t], actions[i, t], rewards[i, t], mask[i, t] = current[i], action[i], reward, 1.0
+                current[i] = next_obs
+                alive[i] = not (terminated or truncated)
+    length = int(mask.sum(1).max())
+    shape = (n_tasks, n_episodes, length)
+    tensors = [torch.from_numpy(np.ascontiguousarray(a[:, :length]).reshape(*shape, *a.shape[2:]))
+               for a in (obs, actions, rewards, mask)]  # fmt: skip
+    return [Episodes(*(tensor[b] for tensor in tensors)) for b in range(n_tasks)]
+
+
+def mean_return(episodes: list[Episodes]) -> float:
+    """The mean undiscounted episode return over all tasks' episodes (research notes §2.5)."""
+    return float(torch.cat([e.rewards.sum(1) for e in episodes]).double().mean())
+
+
+def env_steps(episodes: list[Episodes]) -> int:
+    return int(sum(e.mask.sum().item() for e in episodes))
+
+
+def adapted_for_sampling(policy: GaussianPolicy, contexts, episodes: list[Episodes], advantages, step_size: float):
+    """Yields each task's theta'_i = theta - alpha grad L_i(theta) (`adapt`), detached, one task at a time."""
+    for context, task_episodes, task_advantages in zip(contexts, episodes, advantages):
+        adapted = adapt(policy, None, task_episodes, context, task_advantages, step_size, first_order=True)
+        yield {name: p.detach() for name, p in adapted.items()}
+
+
+def pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam):
+    """MAML's per-task data (research notes §2.2 and §2.5): n_episodes episodes with theta (pre-adaptation), their
+    advantages, one inner step per task on them, and n_episodes episodes with each task's theta'_i (post-adaptation).
+    Returns (pre episodes, pre advantages, post episodes), lists over the tasks."""
+    contexts = task_contexts(envs[0].family, tasks)
+    pre = sample_episodes(envs, tasks, policy, None, n_episodes, rng)
+    pre_advantages = [episode_advantages(episodes, gamma, lam) for episodes in pre]
+    adapted = adapted_for_sampling(policy, contexts, pre, pre_advantages, step_size)
+    post = sample_episodes(envs, tasks, policy, adapted, n_episodes, rng)
+    return pre, pre_advantages, post
+
+
+def evaluate(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam) -> tuple[float, float, int]:
+    """The authors' test protocol (research notes §2.5) on the given test tasks: the mean undiscounted return of
+    n_episodes stochastic episodes per task with theta (pre-adaptation) and with theta'_i after one inner step on
+    those episodes (post-adaptation). Returns (pre return, post return, env steps)."""
+    pre, _, post = pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam)
+    return mean_return(pre), mean_return(post), env_steps(pre) + env_steps(post)
+
+
+def variance_experiment(envs, tasks, policy, n_samples, n_episodes, rng, step_size, gamma, lam) -> dict:
+    """The gradient-noise experiment of the paper's Fig. 5 (Sec. 4), for the current meta-policy theta on fixed tasks.
+
+    The gradient step is MAML's inner policy-gradient step, the one the meta-policy is trained to take: for sample
+    s = 1 .. n_samples, sample n_episodes fresh episodes per task with theta, take theta'_{s,i} = theta - fast_lr *
+    grad L_i(theta) per task (`adapt`, REINFORCE loss with the linear-baseline advantages, all parameters, fast_lr the
+    run's inner step size: 0.1 for Vanilla/Context and 5e-5 for Hyper by default), then score the updated policies by
+    R_s, the mean undiscounted return of n_episodes fresh episodes per task with theta'_{s,i}. The spread of R_s over
+    the samples is the paper's surrogate for the gradient noise. The return of the pre-update episodes is kept too:
+    its spread is the evaluation noise alone, the floor under the spread of R_s (with Hyper's small fast_lr the step
+    changes the policy little, so the two are close).
+
+    Returns float64 tensors: post_returns (S,), pre_returns (S,), post_task_returns (S, n_tasks), and env_steps."""
+    post_returns, pre_returns, post_task_returns, steps = [], [], [], 0
+    for _ in range(n_samples):
+        pre, _, post = pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam)
+        pre_returns.append(mean_return(pre))
+        post_returns.append(mean_return(post))
+        post_task_returns.append([e.rewards.sum(1).double().mean().item() for e in post])
+        steps += env_steps(pre) + env_steps(post)
+    as_tensor = partial(torch.tensor, dtype=torch.float64)
+    return {"post_returns": as_tensor(post_returns), "pre_returns": as_tensor(pre_returns),
+            "post_task_returns": as_tensor(post_task_returns), "env_steps": steps}  # fmt: skip
+
+
+# The run: arguments, checks, saving
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 0
+    """seed of the task pools, the networks, task draws, env resets and action noise (the authors' default 0)"""
+    torch_deterministic: bool = True
+    """if toggled, sets `torch.backends.cudnn.deterministic=True` (disable with --no-torch-deterministic)"""
+    num_threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (all cores)"""
+    track: bool = False
+    """track the run with Weights and Biases (mirrors TensorBoard; needs `pip install wandb`)"""
+    wandb_project_name: str = "hyperl"
+    """the W&B project name"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team); None uses your default entity"""
+    eval_freq: int = 10
+    """evaluate on the test tasks (pre and post adaptation) every this many meta-iterations and at the last (0 disables)"""
+    eval_tasks: Optional[int] = None
+    """test tasks per evaluation, the first of the test pool; None uses all --num-test-tasks (the authors' 20)"""
+    variance_iters: tuple[int, ...] = ()
+    """meta-iterations at which to run the gradient-variance experiment (paper Fig. 5) before the update, e.g. 1 100 200 400"""
+    variance_samples: int = 50
+    """independent inner gradient steps per variance experiment (paper: 50)"""
+    variance_tasks: int = 10
+    """train tasks of the variance experiment, the first of the train pool"""
+    progress_freq: int = 1
+    """print a progress line (iteration, s/it, env steps/s, ETA, returns) every this many meta-iterations"""
+    save_model: bool = False
+    """save the final policy to runs/{run_name}/{exp_name}.cleanrl_model"""
+    checkpoint_freq: int = 10
+    """write a resumable checkpoint to runs/{run_name}/checkpoint.pt every this many meta-iterations and at the end (0 disables)"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
+
+    # --- algorithm (MAML-TRPO; the authors' defaults, research notes §2.1) ---
+    env_id: FamilyName = "HalfCheetahVel"
+    """the task family"""
+    num_batches: int = 400
+    """meta-iterations (one TRPO meta-update each)"""
+    meta_batch_size: int = 40
+    """tasks per meta-iteration, drawn from the train pool with replacement"""
+    fast_batch_size: int = 20
+    """episodes per task, both before (train) and after (valid) the inner step"""
+    num_train_tasks: int = 100
+    """size of the fixed train task pool"""
+    num_test_tasks: int = 20
+    """size of the fixed test task pool"""
+    gamma: float = 0.95
+    """discount factor of the advantages and the linear baseline"""
+    gae_lambda: float = 1.0
+    """lambda of generalized advantage estimation (the authors' tau)"""
+    fast_lr: Optional[float] = None
+    """step size of the inner policy-gradient step; default 0.1 for vanilla/context and 5e-5 for hyper (the authors')"""
+    first_order: bool = False
+    """first-order MAML: no graph through the inner step (the authors' code was effectively first-order)"""
+    max_kl: float = 0.01
+    """TRPO's bound on the mean KL of the meta-update"""
+    cg_iters: int = 10
+    """conjugate-gradient iterations of the TRPO step"""
+    cg_damping: float = 1e-5
+    """damping added to the Fisher-vector products"""
+    ls_max_steps: int = 20
+    """backtracking line-search steps of the TRPO step"""
+    ls_backtrack_ratio: float = 0.8
+    """step shrink factor per line-search step"""
+
+    # --- model ---
+    policy: Literal["vanilla", "context", "hyper"] = "hyper"
+    """vanilla: MLP of the state; context: MLP of state and oracle context; hyper: hypernetwork of the context (paper eq. 16)"""
+    hidden_sizes: tuple[int, ...] = (100, 100)
+    """hidden layers of the vanilla and context MLPs"""
+    hyper_embedding_dim: int = 1024
+    """width of the primary network's output embedding; its stages are dim/4, dim/2, dim (paper: 256, 512, 1024)"""
+    hyper_blocks: int = 2
+    """residual blocks per stage of the primary network (paper: 2)"""
+    hyper_dynamic_hidden: int = 256
+    """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
+    hyper_init: Literal["kaiming", "authors"] = "kaiming"
+    """kaiming: dynamic weights resemble Kaiming-uniform on average (paper); authors: the released code's constants"""
+
+
+def check_args(args: Args) -> None:
+    positive = ["num_batches", "meta_batch_size", "fast_batch_size", "num_train_tasks", "num_test_tasks", "max_kl",
+                "cg_iters", "ls_max_steps", "hyper_embedding_dim", "hyper_dynamic_hidden", "variance_samples",
+                "variance_tasks", "progress_freq"]  # fmt: skip
+    for name in positive:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["eval_freq", "checkpoint_freq", "num_threads", "hyper_blocks", "cg_damping"]:
+        if not getattr(args, name) >= 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        fail(f"--hidden-sizes must be one or more positive widths, got {args.hidden_sizes}")
+    if args.hyper_embedding_dim % 4:
+        fail(f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    if not 0.0 < args.ls_backtrack_ratio < 1.0:
+        fail(f"--ls-backtrack-ratio must be in (0, 1), got {args.ls_backtrack_ratio}")
+    if args.fast_lr is not None and not (args.fast_lr > 0 and np.isfinite(args.fast_lr)):
+        fail(f"--fast-lr must be positive, got {args.fast_lr}")
+    if args.eval_tasks is not None and not 0 < args.eval_tasks <= args.num_test_tasks:
+        fail(f"--eval-tasks must be in [1, --num-test-tasks {args.num_test_tasks}], got {args.eval_tasks}")
+    if args.variance_tasks > args.num_train_tasks:
+        fail(f"--variance-tasks {args.variance_tasks} is larger than --num-train-tasks {args.num_train_tasks}")
+    outside = [i for i in args.variance_iters if not 1 <= i <= args.num_batches]
+    if outside:
+        fail(f"--variance-iters must lie in [1, --num-batches {args.num_batches}], got {', '.join(map(str, outside))}")
+
+
+def default_fast_lr(policy: str) -> float:
+    """The authors' inner step sizes (research notes §2.1): fast-lr 0.1 for the MLPs, fast-hyper-lr 5e-5 for Hyper."""
+    return 5e-5 if policy == "hyper" else 0.1
+
+
+def make_policy(args: Args, obs_dim: int, act_dim: int, train_contexts: torch.Tensor) -> GaussianPolicy:
+    if args.policy == "vanilla":
+        return VanillaPolicy(obs_dim, act_dim, args.hidden_sizes)
+    if args.policy == "context":
+        return ContextPolicy(obs_dim, act_dim, train_contexts.shape[-1], args.hidden_sizes)
+    policy = HyperPolicy(obs_dim, act_dim, train_contexts.shape[-1], args.hyper_embedding_dim, args.hyper_blocks,
+                         args.hyper_dynamic_hidden)  # fmt: skip
+    init_hypernetwork(policy, args.hyper_init, train_contexts)  # kaiming measures the embedding on the train contexts
+    return policy
+
+
+# Settings that change what a run computes; a resumed run must use the checkpoint's values.
+RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "policy", "meta_batch_size", "fast_batch_size",
+                     "num_train_tasks", "num_test_tasks", "gamma", "gae_lambda", "fast_lr", "first_order", "max_kl",
+                     "cg_iters", "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "hidden_sizes",
+                     "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init")  # fmt: skip
+# independent numpy streams: np.random.default_rng([seed, stream]) (the task pools use default_rng(seed) itself)
+TASK_STREAM, SAMPLER_STREAM, EVAL_STREAM, VARIANCE_STREAM = 1, 2, 3, 4
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temporary file, flush it to disk, then rename over `path`: a crash mid-write leaves the
+    previous file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 if __name__ == "__main__":
-    print("hyper_maml.py: MAML training is not implemented yet (only the task families are)", file=sys.stderr)
-    sys.exit(2)
+    args = tyro.cli(Args)
+    check_args(args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+
+    checkpoint = None
+    if args.resume:
+        try:
+            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            fail(f"cannot load checkpoint {args.resume}: {e}")
+        if not isinstance(checkpoint, dict) or "sampler_rng" not in checkpoint or "policy" not in checkpoint:
+            fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
+        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"][k] != getattr(args, k)]
+        if differing:
+            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]} (given {getattr(args, k)})" for k in differing)
+            fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
+        if checkpoint["iteration"] >= args.num_batches:
+            fail(f"the checkpoint is at meta-iteration {checkpoint['iteration']}; pass --num-batches above it to continue")
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.policy}__{args.seed}__{int(time.time())}"
+    fast_lr = args.fast_lr if args.fast_lr is not None else default_fast_lr(args.policy)
+    eval_tasks = args.eval_tasks if args.eval_tasks is not None else args.num_test_tasks
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # task pools and envs: one env per episode of the largest lockstep batch (training, evaluation, variance)
+    train_tasks, test_tasks = make_task_pool(args.env_id, args.seed, args.num_train_tasks, args.num_test_tasks)
+    if checkpoint is not None:
+        train_tasks, test_tasks = ([Task(goal) for goal in checkpoint[key]] for key in ("train_tasks", "test_tasks"))
+    lockstep_tasks = max(args.meta_batch_size, eval_tasks if args.eval_freq else 0, args.variance_tasks if args.variance_iters else 0)
+    envs = make_task_envs(args.env_id, lockstep_tasks * args.fast_batch_size)
+    obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
+
+    # ALGO LOGIC: initialize agent here
+    policy = make_policy(args, obs_dim, act_dim, task_contexts(args.env_id, train_tasks))
+    task_rng = np.random.default_rng([args.seed, TASK_STREAM])  # the meta-batch draws
+    sampler_rng = np.random.default_rng([args.seed, SAMPLER_STREAM])  # env resets and action noise of training
+    start_iteration, last_eval, variance_results = 0, (float("nan"), float("nan")), {}
+    if checkpoint is not None:
+        policy.load_state_dict(checkpoint["policy"])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        task_rng.bit_generator.state = checkpoint["task_rng"]
+        sampler_rng.bit_generator.state = checkpoint["sampler_rng"]
+        start_iteration, last_eval = checkpoint["iteration"], tuple(checkpoint["last_eval"])
+        print(f"resumed {run_name} at meta-iteration {start_iteration} from {args.resume}")
+
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint is not None else os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path, variance_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "variance.pt")
+    if checkpoint is not None and os.path.exists(variance_path):
+        variance_results = torch.load(variance_path, weights_only=False)["iterations"]
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights and Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=start_iteration + 1 if checkpoint is not None else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "fast_lr (effective)": fast_lr}.items()))
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"{run_name}: {args.policy} policy ({n_params:,} parameters), fast_lr {fast_lr:g}, {len(envs)} envs in lockstep")
+
+    def save_checkpoint(iteration: int) -> None:
+        atomic_save(
+            {
+                "args": vars(args), "run_name": run_name, "iteration": iteration, "fast_lr": fast_lr,
+                "policy": policy.state_dict(), "last_eval": last_eval,
+                "train_tasks": [task.goal for task in train_tasks], "test_tasks": [task.goal for task in test_tasks],
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                "task_rng": task_rng.bit_generator.state, "sampler_rng": sampler_rng.bit_generator.state,
+            },
+            checkpoint_path,
+        )  # fmt: skip
+
+    def stop(message: str, iteration: int) -> None:
+        """Stop on a non-finite value before it reaches the saved params; the last checkpoint stays as it was."""
+        saved = f"the last checkpoint ({checkpoint_path}) is intact" if os.path.exists(checkpoint_path) else "no checkpoint was written"
+        writer.close()
+        fail(f"{message} at meta-iteration {iteration}; stopping, {saved}")
+
+    start_time, interval_start, interval_iteration, interval_steps = time.time(), time.time(), start_iteration, 0
+    for iteration in range(start_iteration + 1, args.num_batches + 1):
+        iteration_start, steps = time.time(), 0
+        try:
+            if iteration in args.variance_iters:  # paper Fig. 5, on the meta-policy before this iteration's update
+                result = variance_experiment(envs, train_tasks[: args.variance_tasks], policy, args.variance_samples, args.fast_batch_size,
+                                             np.random.default_rng([args.seed, VARIANCE_STREAM, iteration]), fast_lr, args.gamma, args.gae_lambda)  # fmt: skip
+                steps += result.pop("env_steps")
+                variance_results[iteration] = result
+                writer.add_scalar("variance/return_mean", result["post_returns"].mean().item(), iteration)
+                writer.add_scalar("variance/return_std", result["post_returns"].std(unbiased=False).item(), iteration)
+                writer.add_scalar("variance/pre_return_std", result["pre_returns"].std(unbiased=False).item(), iteration)
+                atomic_save({"iterations": variance_results, "tasks": [task.goal for task in train_tasks[: args.variance_tasks]],
+                             "fast_lr": fast_lr, "args": vars(args)}, variance_path)  # fmt: skip
+
+            # ALGO LOGIC: one MAML-TRPO meta-iteration (research notes §2.2)
+            sampling_start = time.time()
+            tasks = [train_tasks[i] for i in task_rng.integers(0, len(train_tasks), size=args.meta_batch_size)]
+            train, train_advantages, valid = pre_and_post_adaptation(envs, tasks, policy, args.fast_batch_size, sampler_rng, fast_lr, args.gamma, args.gae_lambda)
+            sampling_seconds = time.time() - sampling_start
+        except FloatingPointError as e:
+            stop(str(e), iteration)
+        steps += env_steps(train) + env_steps(valid)
+        update_start = time.time()
+        contexts = task_contexts(args.env_id, tasks)
+        meta_tasks = [MetaTask(context, train_episodes, advantages, valid_episodes, episode_advantages(valid_episodes, args.gamma, args.gae_lambda))
+                      for context, train_episodes, advantages, valid_episodes in zip(contexts, train, train_advantages, valid)]  # fmt: skip
+        params = dict(policy.named_parameters())
+        objective = meta_objective(policy, params, meta_tasks, fast_lr, args.first_order)
+        new_params, stats = trpo_step(params, objective, args.max_kl, args.cg_damping, args.cg_iters, args.ls_max_steps, args.ls_backtrack_ratio)
+        for name, value in [("surrogate", stats["surrogate_before"]), ("KL", stats["kl"])]:
+            if not np.isfinite(value):
+                stop(f"non-finite {name} ({value})", iteration)
+        bad = [name for name, p in new_params.items() if not torch.isfinite(p).all()]
+        if bad:
+            stop(f"non-finite parameters ({', '.join(bad)})", iteration)
+        policy.load_state_dict(new_params)
+        update_seconds = time.time() - update_start
+        pre_return, post_return = mean_return(train), mean_return(valid)
+
+        if args.eval_freq and (iteration % args.eval_freq == 0 or iteration == args.num_batches):
+            try:
+                eval_pre, eval_post, eval_steps = evaluate(envs, test_tasks[:eval_tasks], policy, args.fast_batch_size,
+                                                           np.random.default_rng([args.seed, EVAL_STREAM]), fast_lr, args.gamma, args.gae_lambda)  # fmt: skip
+            except FloatingPointError as e:
+                stop(f"{e} in the evaluation", iteration)
+            last_eval, steps = (eval_pre, eval_post), steps + eval_steps
+            writer.add_scalar("eval/pre_adaptation_return", eval_pre, iteration)
+            writer.add_scalar("eval/post_adaptation_return", eval_post, iteration)
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        iteration_seconds = time.time() - iteration_start
+        writer.add_scalar("charts/pre_adaptation_return", pre_return, iteration)
+        writer.add_scalar("charts/post_adaptation_return", post_return, iteration)
+        writer.add_scalar("losses/surrogate_before", stats["surrogate_before"], iteration)
+        writer.add_scalar("losses/surrogate_after", stats["surrogate"], iteration)
+        writer.add_scalar("losses/kl", stats["kl"], iteration)
+        writer.add_scalar("losses/line_search_steps", stats["ls_steps"], iteration)
+        writer.add_scalar("charts/SPS", int(steps / iteration_seconds), iteration)
+        writer.add_scalar("charts/iteration_seconds", iteration_seconds, iteration)
+        writer.add_scalar("charts/sampling_seconds", sampling_seconds, iteration)
+        writer.add_scalar("charts/update_seconds", update_seconds, iteration)
+        interval_steps += steps
+        if iteration % args.progress_freq == 0 or iteration == args.num_batches:
+            now = time.time()
+            seconds_per_iteration = (now - interval_start) / (iteration - interval_iteration)
+            sps = interval_steps / max(now - interval_start, 1e-9)
+            eta = format_duration((args.num_batches - iteration) * (now - start_time) / (iteration - start_iteration))
+            fields = [f"iteration {iteration}/{args.num_batches}", f"{seconds_per_iteration:.1f} s/it", f"{sps:.0f} env steps/s",
+                      f"ETA {eta}", f"pre {pre_return:.1f}", f"post {post_return:.1f}"]  # fmt: skip
+            if np.isfinite(last_eval[0]):
+                fields.append(f"eval pre {last_eval[0]:.1f} post {last_eval[1]:.1f}")
+            print(" | ".join(fields), flush=True)
+            interval_start, interval_iteration, interval_steps = now, iteration, 0
+        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_batches):
+            save_checkpoint(iteration)
+
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        atomic_save({"args": vars(args), "iteration": args.num_batches, "fast_lr": fast_lr, "policy": policy.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+    for env in envs:
+        env.close()
+    writer.close()

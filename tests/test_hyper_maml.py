@@ -1,5 +1,8 @@
 import copy
+import dataclasses
+import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,11 +11,14 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from hyper_maml import (FAMILIES, FAMILY_SPECS, LOG_STD_MIN, ContextPolicy, Episodes, HyperPolicy, MetaTask, Task,
-                        VanillaPolicy, adapt, ant_is_healthy, conjugate_gradient, episode_advantages, family_spec,
-                        fisher_vector_product, gae_advantages, init_hypernetwork, inner_loss, line_search,
-                        linear_feature_baseline, make_task_env, make_task_pool, mean_kl, meta_objective, surrogate_loss,
-                        task_context, trpo_step)
+import hyper_maml
+from hyper_maml import (FAMILIES, FAMILY_SPECS, LOG_STD_MIN, Args, ContextPolicy, Episodes, HyperPolicy, MetaTask, Task,
+                        VanillaPolicy, adapt, ant_is_healthy, check_args, conjugate_gradient, default_fast_lr,
+                        episode_advantages, family_spec, fisher_vector_product, gae_advantages, init_hypernetwork,
+                        inner_loss, line_search, linear_feature_baseline, make_task_env, make_task_envs, make_task_pool,
+                        mean_kl, mean_return, meta_objective, pre_and_post_adaptation, sample_episodes,
+                        stack_task_policies, surrogate_loss, task_context, task_contexts, trpo_step,
+                        variance_experiment)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 0.05
@@ -253,12 +259,6 @@ def test_unknown_family_fails_with_one_error_line(call, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("error: unknown task family 'HopperVel'") and "HalfCheetahVelMedium" in err
-
-
-def test_script_says_training_is_not_implemented_yet():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hyper_maml.py")], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "not implemented" in proc.stderr
 
 
 # --- policies ---------------------------------------------------------------------------------
@@ -634,3 +634,360 @@ def test_trpo_step_on_a_meta_batch_improves_the_surrogate_within_the_trust_regio
     assert 0.0 < kl.item() <= 0.01
     policy.load_state_dict(new)
     torch.testing.assert_close(objective(dict(policy.named_parameters()))[0], surrogate)
+
+
+# --- sampler ----------------------------------------------------------------------------------
+
+SIZES = {"HalfCheetah": (17, 6), "Ant": (27, 8)}
+
+
+def env_policy(kind, family="HalfCheetahVel", seed=0):
+    """A small policy with the family's real observation and action sizes."""
+    obs_dim, act_dim = SIZES[ROBOT[family]]
+    torch.manual_seed(seed)
+    if kind == "hyper":
+        policy = HyperPolicy(obs_dim, act_dim, embedding_dim=16, blocks=1, dynamic_hidden=8)
+        init_hypernetwork(policy, "kaiming", torch.linspace(-1.0, 1.0, 9).view(-1, 1))
+        return policy
+    return (VanillaPolicy if kind == "vanilla" else ContextPolicy)(obs_dim, act_dim, hidden=(8,))
+
+
+def record_steps(envs):
+    """Wraps every env's reset and step: logs[i] gets the reset observation, then (action, obs, reward, terminated,
+    truncated) of every step of env i."""
+    logs = [[] for _ in envs]
+    for env, log in zip(envs, logs):
+        reset, step = env.reset, env.step
+
+        def recording_reset(*a, reset=reset, log=log, **kw):
+            out = reset(*a, **kw)
+            log.append(out[0].copy())
+            return out
+
+        def recording_step(action, step=step, log=log):
+            out = step(action)
+            log.append((np.array(action), *out[:4]))
+            return out
+
+        env.reset, env.step = recording_reset, recording_step
+    return logs
+
+
+def test_sampler_runs_200_step_half_cheetah_episodes_and_stores_what_the_envs_returned():
+    tasks, n = [Task(0.5), Task(2.0)], 2
+    envs = make_task_envs("HalfCheetahVel", 5)  # one more than needed: the extra env stays unused
+    logs = record_steps(envs)
+    policy = env_policy("vanilla")
+    episodes = sample_episodes(envs, tasks, policy, None, n, np.random.default_rng(0))
+    assert len(episodes) == 2 and logs[4] == []
+    for b, task_episodes in enumerate(episodes):
+        assert task_episodes.obs.shape == (n, 200, 17) and task_episodes.actions.shape == (n, 200, 6)
+        assert task_episodes.rewards.shape == task_episodes.mask.shape == (n, 200)
+        assert all(t.dtype == torch.float32 for t in (task_episodes.obs, task_episodes.actions, task_episodes.rewards))
+        assert torch.equal(task_episodes.mask, torch.ones(n, 200))
+        for e in range(n):
+            env, (reset_obs, *steps) = envs[b * n + e], logs[b * n + e]
+            assert env.task == tasks[b] and len(steps) == 200
+            assert [s[3:] for s in steps] == [(False, False)] * 199 + [(False, True)]
+            expected_obs = np.stack([reset_obs] + [s[1] for s in steps[:-1]]).astype(np.float32)
+            np.testing.assert_array_equal(task_episodes.obs[e].numpy(), expected_obs)
+            np.testing.assert_array_equal(task_episodes.actions[e].numpy(), np.stack([s[0] for s in steps]))
+            rewards = np.array([s[2] for s in steps])
+            np.testing.assert_array_equal(task_episodes.rewards[e].numpy(), rewards.astype(np.float32))
+            assert task_episodes.rewards[e].sum().item() == pytest.approx(rewards.sum(), rel=1e-5)
+    assert mean_return(episodes) == pytest.approx(np.mean([sum(s[2] for s in log[1:]) for log in logs[:4]]), rel=1e-5)
+    # the actions are mu + sigma * eps with eps the generator's N(0, I) draws, one batch per step after the reset seeds
+    rng = np.random.default_rng(0)
+    rng.integers(0, 2**31 - 1, size=4)
+    noise = torch.from_numpy(np.stack([rng.standard_normal((2, n, 6), dtype=np.float32) for _ in range(200)], 2))
+    with torch.no_grad():
+        for b, task_episodes in enumerate(episodes):
+            distribution = policy.distribution(task_episodes.obs, torch.zeros(1))
+            torch.testing.assert_close(task_episodes.actions, distribution.mean + distribution.stddev * noise[b])
+
+
+def test_sampler_masks_the_rest_of_an_ant_episode_after_termination():
+    envs = make_task_envs("AntVel", 2)
+    model = envs[0].unwrapped.model
+    model.geom_contype[0] = model.geom_conaffinity[0] = 0  # no floor: the ant falls below z = 0.2 and terminates
+    logs = record_steps(envs)
+    episodes = sample_episodes(envs, [Task(1.0), Task(2.0)], env_policy("context", "AntVel"), None, 1, np.random.default_rng(0))
+    lengths = [len(log) - 1 for log in logs]
+    assert 0 < lengths[0] < lengths[1] and logs[0][-1][3] is True  # terminated, not truncated
+    assert episodes[0].obs.shape == (1, lengths[1], 27) and episodes[1].obs.shape[1] == lengths[1]
+    for task_episodes, length, log in zip(episodes, lengths, logs):
+        expected_mask = torch.zeros(1, lengths[1])
+        expected_mask[0, :length] = 1.0
+        assert torch.equal(task_episodes.mask, expected_mask)
+        for tensor in (task_episodes.obs, task_episodes.actions, task_episodes.rewards):
+            assert not tensor[0, length:].any()  # zero padding
+        assert task_episodes.rewards.sum().item() == pytest.approx(sum(step[2] for step in log[1:]), rel=1e-5)
+
+
+def test_sampler_calls_the_policy_once_per_step_for_all_envs(monkeypatch):
+    policy, tasks, n = env_policy("hyper"), [Task(0.3), Task(2.4)], 3
+    primary_calls, dynamic_calls = [], []
+    policy.primary.register_forward_hook(lambda module, inputs, output: primary_calls.append(tuple(inputs[0].shape)))
+    original = hyper_maml.dynamic_forward
+
+    def counting_dynamic_forward(layers, base):
+        dynamic_calls.append(tuple(base.shape))
+        return original(layers, base)
+
+    monkeypatch.setattr(hyper_maml, "dynamic_forward", counting_dynamic_forward)
+    envs = make_task_envs("HalfCheetahVel", 6)
+    sample_episodes(envs, tasks, policy, None, n, np.random.default_rng(0))
+    assert primary_calls == [(2, 1)]  # once for both tasks, not per step or per env
+    assert dynamic_calls == [(2, 3, 17)] * 200  # once per step for all 6 envs
+    # one parameter set per task (adapted params): each task is conditioned once, and every step is one vmapped call
+    primary_calls.clear(), dynamic_calls.clear()
+    params = [{k: v.detach() + 0.01 * i for k, v in policy.named_parameters()} for i in range(2)]
+    sample_episodes(envs, tasks, policy, iter(params), n, np.random.default_rng(0))
+    assert primary_calls == [(1,), (1,)]
+    assert dynamic_calls == [(3, 17)] * 200  # the per-task shape seen inside torch.vmap
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "context", "hyper"])
+def test_stacked_task_policies_give_each_task_its_own_parameters(kind):
+    policy = tiny_policy(kind)
+    contexts = torch.tensor([[-0.4], [0.9]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    params = [{k: v.detach() + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in policy.named_parameters()}
+              for _ in range(2)]  # fmt: skip
+    obs = torch.randn(2, 5, OBS, generator=g, dtype=torch.float64)
+    stacked = stack_task_policies([policy.condition(c, p) for c, p in zip(contexts, params)])(obs)
+    assert stacked.mean.shape == (2, 5, ACT)
+    for i in range(2):
+        own = policy.distribution(obs[i], contexts[i], params[i])
+        torch.testing.assert_close(stacked.mean[i], own.mean)
+        torch.testing.assert_close(stacked.stddev[i], own.stddev)
+    assert not torch.allclose(stacked.mean[0], policy.distribution(obs[0], contexts[0], params[1]).mean)
+
+
+def test_sampling_is_reproducible_from_the_generator_alone():
+    policy, tasks = env_policy("context"), [Task(1.0), Task(0.2)]
+    envs = make_task_envs("HalfCheetahVel", 4)
+    first = sample_episodes(envs, tasks, policy, None, 2, np.random.default_rng(7))
+    again = sample_episodes(make_task_envs("HalfCheetahVel", 4), tasks, policy, None, 2, np.random.default_rng(7))
+    reused = sample_episodes(envs, tasks, policy, None, 2, np.random.default_rng(7))  # envs that already ran
+    other = sample_episodes(envs, tasks, policy, None, 2, np.random.default_rng(8))
+    for a, b, c, d in zip(first, again, reused, other):
+        for field in ("obs", "actions", "rewards", "mask"):
+            assert torch.equal(getattr(a, field), getattr(b, field)) and torch.equal(getattr(a, field), getattr(c, field))
+        assert not torch.equal(a.obs, d.obs) and not torch.equal(a.actions, d.actions)
+
+
+def test_post_adaptation_episodes_come_from_each_tasks_adapted_policy():
+    policy, tasks, n = env_policy("context"), [Task(0.5), Task(2.5)], 2
+    envs = make_task_envs("HalfCheetahVel", 4)
+    pre, advantages, post = pre_and_post_adaptation(envs, tasks, policy, n, np.random.default_rng(3), 0.1, 0.95, 1.0)
+    rng = np.random.default_rng(3)
+    pre_again = sample_episodes(envs, tasks, policy, None, n, rng)
+    contexts = task_contexts("HalfCheetahVel", tasks)
+    adapted = [adapt(policy, None, e, c, episode_advantages(e), 0.1, first_order=False) for e, c in zip(pre_again, contexts)]
+    # replay the generator: the post-adaptation sampling draws the env seeds, then one N(0, I) batch per step
+    rng.integers(0, 2**31 - 1, size=2 * n)
+    noise = np.stack([rng.standard_normal((2, n, 6), dtype=np.float32) for _ in range(200)], 2)  # (task, episode, step, act)
+    for b, (a, c) in enumerate(zip(pre, pre_again)):
+        assert torch.equal(a.actions, c.actions)
+        torch.testing.assert_close(advantages[b], episode_advantages(c))
+        with torch.no_grad():
+            own = policy.distribution(post[b].obs, contexts[b], adapted[b])  # task b's context and theta'_b
+            theta = policy.distribution(post[b].obs, contexts[b])
+        torch.testing.assert_close(post[b].actions, own.mean + own.stddev * torch.from_numpy(noise[b]), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(post[b].actions, theta.mean + theta.stddev * torch.from_numpy(noise[b]), rtol=1e-3, atol=1e-3)
+
+
+def test_sampler_refuses_a_non_finite_action_before_stepping_the_env():
+    policy = env_policy("vanilla")
+    with torch.no_grad():
+        policy.log_std[2] = float("nan")
+    envs = make_task_envs("HalfCheetahVel", 1)
+    logs = record_steps(envs)
+    with pytest.raises(FloatingPointError, match="non-finite action"):
+        sample_episodes(envs, [Task(1.0)], policy, None, 1, np.random.default_rng(0))
+    assert len(logs[0]) == 1  # reset only
+
+
+def test_variance_experiment_takes_independent_inner_steps():
+    policy, tasks = env_policy("hyper"), [Task(0.5), Task(2.5)]
+    result = variance_experiment(make_task_envs("HalfCheetahVel", 4), tasks, policy, 3, 2, np.random.default_rng(0), 5e-5, 0.95, 1.0)
+    assert result["post_returns"].shape == result["pre_returns"].shape == (3,)
+    assert result["post_task_returns"].shape == (3, 2) and result["env_steps"] == 3 * 2 * 4 * 200
+    torch.testing.assert_close(result["post_task_returns"].mean(1), result["post_returns"])
+    assert len(set(result["post_returns"].tolist())) == 3 and len(set(result["pre_returns"].tolist())) == 3  # fresh episodes each
+
+
+# --- arguments --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"meta_batch_size": 0}, "--meta-batch-size must be positive"),
+        ({"fast_batch_size": -2}, "--fast-batch-size must be positive"),
+        ({"num_batches": 0}, "--num-batches must be positive"),
+        ({"num_train_tasks": 0}, "--num-train-tasks must be positive"),
+        ({"variance_samples": 0}, "--variance-samples must be positive"),
+        ({"cg_damping": -1e-5}, "--cg-damping must be >= 0"),
+        ({"hidden_sizes": (100, 0)}, "--hidden-sizes must be one or more positive widths"),
+        ({"hidden_sizes": ()}, "--hidden-sizes must be one or more positive widths"),
+        ({"hyper_embedding_dim": 30}, "multiple of 4"),
+        ({"gamma": 0.0}, "--gamma must be in (0, 1]"),
+        ({"ls_backtrack_ratio": 1.0}, "--ls-backtrack-ratio must be in (0, 1)"),
+        ({"fast_lr": 0.0}, "--fast-lr must be positive"),
+        ({"eval_tasks": 21}, "--eval-tasks must be in [1, --num-test-tasks 20]"),
+        ({"variance_tasks": 101}, "larger than --num-train-tasks 100"),
+        ({"variance_iters": (1, 401)}, "--variance-iters must lie in [1, --num-batches 400], got 401"),
+    ],
+)
+def test_impossible_settings_fail_with_one_error_line(overrides, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check_args(dataclasses.replace(Args(), **overrides))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_default_args_are_the_authors_and_pass_the_checks():
+    args = Args()
+    check_args(args)
+    assert (args.seed, args.env_id, args.policy, args.num_batches, args.meta_batch_size, args.fast_batch_size) == (0, "HalfCheetahVel", "hyper", 400, 40, 20)
+    assert (args.gamma, args.gae_lambda, args.max_kl, args.cg_iters, args.cg_damping, args.ls_max_steps, args.ls_backtrack_ratio) == (0.95, 1.0, 0.01, 10, 1e-5, 20, 0.8)
+    assert args.hidden_sizes == (100, 100) and (args.num_train_tasks, args.num_test_tasks) == (100, 20)
+    assert default_fast_lr("hyper") == 5e-5 and default_fast_lr("vanilla") == default_fast_lr("context") == 0.1
+
+
+# --- end to end through the CLI ---------------------------------------------------------------
+
+SCRIPT = os.path.join(ROOT, "hyper_maml.py")
+SMALL_RUN = ["--meta-batch-size", "2", "--fast-batch-size", "2", "--num-batches", "2", "--num-train-tasks", "6",
+             "--num-test-tasks", "3", "--eval-freq", "1", "--eval-tasks", "2", "--variance-iters", "2",
+             "--variance-samples", "3", "--variance-tasks", "2", "--checkpoint-freq", "2", "--save-model",
+             "--hyper-embedding-dim", "16", "--hyper-blocks", "1", "--hyper-dynamic-hidden", "8"]  # fmt: skip
+TRAIN_TAGS = ["charts/pre_adaptation_return", "charts/post_adaptation_return", "losses/surrogate_before",
+              "losses/surrogate_after", "losses/kl", "losses/line_search_steps", "charts/SPS", "charts/iteration_seconds"]  # fmt: skip
+
+
+def run(args, cwd, check=True):
+    # one torch thread: with tiny networks, threads competing for the cores only slow the run down
+    proc = subprocess.run([sys.executable, SCRIPT, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def only_run_dir(cwd):
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    return run_dir
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}, events.Tags()["tensors"]
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """One SMALL_RUN per policy, made on first use: (stdout, run dir)."""
+    done = {}
+
+    def get(policy):
+        if policy not in done:
+            cwd = tmp_path_factory.mktemp(policy)
+            done[policy] = (run([*SMALL_RUN, "--policy", policy], cwd).stdout, only_run_dir(cwd))
+        return done[policy]
+
+    return get
+
+
+@pytest.mark.parametrize("policy", ["vanilla", "context", "hyper"])
+def test_cli_run_trains_evaluates_and_logs_every_tag(policy, small_runs):
+    stdout, run_dir = small_runs(policy)
+    assert os.path.basename(run_dir).startswith(f"HalfCheetahVel__hyper_maml__{policy}__0__")
+    assert "iteration 2/2" in stdout and "s/it" in stdout and "env steps/s" in stdout and "ETA" in stdout and "eval pre" in stdout
+    tags, tensor_tags = scalars(run_dir)
+    assert "hyperparameters/text_summary" in tensor_tags
+    for tag in TRAIN_TAGS + ["eval/pre_adaptation_return", "eval/post_adaptation_return"]:
+        assert [step for step, _ in tags[tag]] == [1, 2], tag
+        assert all(np.isfinite(value) for _, value in tags[tag]), tag
+    for (_, before), (_, after), (_, kl), (_, steps) in zip(*(tags[f"losses/{k}"] for k in ("surrogate_before", "surrogate_after", "kl", "line_search_steps"))):
+        assert abs(before) < 1e-5  # at theta_old the surrogate is -mean(normalized advantages) = 0
+        assert (after < before and 0 < kl <= 0.01) if steps >= 0 else (after == before and kl == 0)
+    assert all(-1500 < value < 0 for _, value in tags["charts/pre_adaptation_return"])  # -|v - v_goal| - ctrl over 200 steps
+    model = torch.load(os.path.join(run_dir, "hyper_maml.cleanrl_model"), weights_only=False)
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert model["args"]["policy"] == policy and model["fast_lr"] == (5e-5 if policy == "hyper" else 0.1)
+    assert checkpoint["iteration"] == 2 and all(torch.equal(model["policy"][k], v) for k, v in checkpoint["policy"].items())
+    assert len(checkpoint["train_tasks"]) == 6 and len(checkpoint["test_tasks"]) == 3
+
+
+@pytest.mark.parametrize("policy", ["context", "hyper"])
+def test_cli_variance_experiment_saves_its_samples_and_logs_mean_and_std(policy, small_runs):
+    _, run_dir = small_runs(policy)
+    saved = torch.load(os.path.join(run_dir, "variance.pt"), weights_only=False)
+    assert list(saved["iterations"]) == [2] and len(saved["tasks"]) == 2
+    result = saved["iterations"][2]
+    assert result["post_returns"].shape == result["pre_returns"].shape == (3,) and result["post_task_returns"].shape == (3, 2)
+    tags, _ = scalars(run_dir)
+    assert tags["variance/return_mean"] == [(2, pytest.approx(result["post_returns"].mean().item(), rel=1e-5))]
+    assert tags["variance/return_std"] == [(2, pytest.approx(result["post_returns"].std(unbiased=False).item(), rel=1e-5))]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(small_runs, tmp_path):
+    _, run_dir = small_runs("hyper")  # 2 meta-iterations, checkpoint at 2
+    shutil.copytree(os.path.dirname(run_dir), tmp_path / "b" / "runs")
+    (tmp_path / "a").mkdir()
+    longer = [*SMALL_RUN, "--policy", "hyper", "--num-batches", "3"]
+    run(longer, tmp_path / "a")
+    checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
+    proc = run([*longer, "--resume", checkpoint], tmp_path / "b")
+    assert "resumed" in proc.stdout and "iteration 3/3" in proc.stdout
+    a = torch.load(os.path.join(only_run_dir(tmp_path / "a"), "hyper_maml.cleanrl_model"), weights_only=False)["policy"]
+    b = torch.load(os.path.join(only_run_dir(tmp_path / "b"), "hyper_maml.cleanrl_model"), weights_only=False)["policy"]
+    original = torch.load(os.path.join(run_dir, "hyper_maml.cleanrl_model"), weights_only=False)["policy"]
+    assert not all(torch.equal(a[k], original[k]) for k in a)  # the third meta-update changed the policy
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    assert list(torch.load(os.path.join(only_run_dir(tmp_path / "b"), "variance.pt"), weights_only=False)["iterations"]) == [2]
+
+
+def test_resume_refuses_different_settings(small_runs, tmp_path):
+    _, run_dir = small_runs("hyper")
+    proc = run([*SMALL_RUN, "--policy", "hyper", "--num-batches", "3", "--gamma", "0.9", "--max-kl", "0.02",
+                "--resume", os.path.join(run_dir, "checkpoint.pt")], tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: the checkpoint was made with different settings: --gamma 0.95 (given 0.9), --max-kl 0.01 (given 0.02)")
+
+
+def test_non_finite_policy_stops_the_run_naming_the_iteration_and_keeps_the_checkpoint(small_runs, tmp_path):
+    _, run_dir = small_runs("vanilla")
+    shutil.copytree(run_dir, tmp_path / "run")
+    checkpoint_path = str(tmp_path / "run" / "checkpoint.pt")
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    checkpoint["policy"]["log_std"][0] = 1e38  # std = inf: the next sampled action is not finite
+    torch.save(checkpoint, checkpoint_path)
+    proc = run([*SMALL_RUN, "--policy", "vanilla", "--num-batches", "4", "--checkpoint-freq", "1", "--resume", checkpoint_path], tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite action" in errors[0]
+    assert errors[0].endswith(f"at meta-iteration 3; stopping, the last checkpoint ({checkpoint_path}) is intact")
+    after = torch.load(checkpoint_path, weights_only=False)
+    assert after["iteration"] == 2 and after["policy"]["log_std"][0] == 1e38
+
+
+def test_cli_bad_input_fails_cleanly(tmp_path):
+    proc = run(["--meta-batch-size", "0"], tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: --meta-batch-size must be positive, got 0\n"
+    proc = run(["--env-id", "HopperVel"], tmp_path, check=False)  # tyro refuses a value outside the Literal
+    assert proc.returncode != 0 and "HalfCheetahVelMedium" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_help_lists_the_flags(tmp_path):
+    proc = run(["--help"], tmp_path)
+    for flag in ("--env-id", "--policy", "--fast-lr", "--meta-batch-size", "--variance-iters", "--resume", "--first-order"):
+        assert flag in proc.stdout
