@@ -22,6 +22,8 @@ class PlotArgs:
     """output PNG path"""
     title: str = ""
     """figure title"""
+    max_step: Optional[int] = None
+    """leave out points after this step (compare runs of different lengths over a common range)"""
 
 
 if __name__ == "__main__":
@@ -38,7 +40,7 @@ if __name__ == "__main__":
     for run, label in zip(args.runs, labels):
         acc = EventAccumulator(run)
         acc.Reload()
-        events = acc.Scalars(args.tag)
+        events = [e for e in acc.Scalars(args.tag) if args.max_step is None or e.step <= args.max_step]
         ax.plot([e.step for e in events], [e.value for e in events], marker="o", markersize=3, label=label)
     ax.set_xlabel("environment steps")
     ax.set_ylabel(args.tag)
