@@ -431,7 +431,7 @@ def learnable_fraction(cos: torch.Tensor, taus) -> list:
 def sample_probe_states(envs, actor: Actor, rng: np.random.Generator, n: int, max_start_steps: int, max_episode_steps: int, device):
     """n simulator snapshots reached by the deterministic policy: envs[i] resets (seeded from rng) and runs pi for
     U{0..max_start_steps-1} steps, resetting when an episode ends. All n run in lockstep (one actor call per step).
-    Returns the snapshots, their observations and each one's steps since its episode began."""
+    Returns the snapshots, their observations, each one's steps since its episode began, and the steps taken."""
     targets = rng.integers(0, max_start_steps, size=n)
     obs = np.stack([envs[i].reset(seed=int(rng.integers(2**31)))[0] for i in range(n)])
     episode_steps = np.zeros(n, dtype=np.int64)
@@ -444,7 +444,7 @@ def sample_probe_states(envs, actor: Actor, rng: np.random.Generator, n: int, ma
             if terminated or episode_steps[i] >= max_episode_steps:
                 obs[i] = envs[i].reset(seed=int(rng.integers(2**31)))[0]
                 episode_steps[i] = 0
-    return [get_sim_state(envs[i]) for i in range(n)], obs.astype(np.float32), episode_steps
+    return [get_sim_state(envs[i]) for i in range(n)], obs.astype(np.float32), episode_steps, int(targets.sum())
 
 
 def rollout_returns(envs, snapshot, first_actions: np.ndarray, actor: Actor, qf1_target: nn.Module, qf2_target: nn.Module,
@@ -480,10 +480,9 @@ def run_probe(envs, actor, qf1, qf1_target, qf2_target, args, rng: np.random.Gen
     start = time.time()
     low = torch.as_tensor(envs[0].action_space.low, device=device)
     high = torch.as_tensor(envs[0].action_space.high, device=device)
-    snapshots, obs, episode_steps = sample_probe_states(
+    snapshots, obs, episode_steps, env_steps = sample_probe_states(
         envs, actor, rng, args.probe_states, args.probe_start_steps, max_episode_steps, device
     )  # fmt: skip
-    env_steps = int(episode_steps.sum())
     obs_t = torch.as_tensor(obs, device=device)
     with torch.no_grad():
         policy_action = actor(obs_t)

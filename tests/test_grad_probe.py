@@ -91,9 +91,12 @@ def test_restored_snapshot_replays_the_same_rewards_exactly(env_id):
 def test_sampled_probe_states_restore_to_their_observations():
     envs = [gym.make("Hopper-v4") for _ in range(4)]
     actor = Actor(11, 3, envs[0].action_space.low, envs[0].action_space.high)
-    snapshots, obs, episode_steps = sample_probe_states(envs, actor, np.random.default_rng(0), 4, 300, 1000, "cpu")
+    snapshots, obs, episode_steps, steps = sample_probe_states(envs, actor, np.random.default_rng(0), 4, 300, 1000, "cpu")
     assert obs.shape == (4, 11) and episode_steps.shape == (4,)
     assert np.all((episode_steps >= 0) & (episode_steps < 1000))
+    targets = np.random.default_rng(0).integers(0, 300, size=4)  # the sampler's first draw from the same seed
+    assert steps == targets.sum()  # every step counts, also those of episodes that ended before the target
+    assert np.any(episode_steps < targets)  # an untrained hopper falls, so some states lie in a restarted episode
     fresh = gym.make("Hopper-v4")
     fresh.reset(seed=7)
     for snapshot, o in zip(snapshots, obs):
