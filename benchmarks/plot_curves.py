@@ -22,6 +22,8 @@ class PlotArgs:
     """output PNG path"""
     title: str = ""
     """figure title"""
+    xlabel: str = "environment steps"
+    """x-axis label (e.g. "meta-iterations" for hyper_maml.py)"""
     max_step: Optional[int] = None
     """leave out points after this step (compare runs of different lengths over a common range)"""
 
@@ -42,7 +44,7 @@ if __name__ == "__main__":
         acc.Reload()
         events = [e for e in acc.Scalars(args.tag) if args.max_step is None or e.step <= args.max_step]
         ax.plot([e.step for e in events], [e.value for e in events], marker="o", markersize=3, label=label)
-    ax.set_xlabel("environment steps")
+    ax.set_xlabel(args.xlabel)
     ax.set_ylabel(args.tag)
     ax.set_title(args.title)
     ax.grid(alpha=0.3)
