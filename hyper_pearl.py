@@ -18,8 +18,8 @@ transitions with a probabilistic context encoder and trains a soft actor-critic 
 critic are either plain MLPs (PEARL) or hypernetworks (Hyper-PEARL: the policy's meta variable is z, the Q and V
 networks' meta variable is the state), on Half-Cheetah-Fwd-Back, Ant-Fwd-Back, Half-Cheetah-Vel, Ant-Vel and the
 out-of-distribution Half-Cheetah-Vel-Medium.
-The SAC part, the sampler and the training loop are not in this file yet: it holds the task families and the context
-encoder only.
+So far this file holds the task families, the context encoder and the networks (PEARL's MLPs and Hyper-PEARL's
+hypernetworks); the SAC updates, the sampler and the training loop are not in it yet.
 
 Defaults are PEARL's (github katerakelly/oyster, configs/default.py and configs/*.json; research notes §3.1) with the
 authors' changes (github keynans/HypeRL, PEARL/; notes §3.2): latent 5, context encoder 3 x 200 over (s, a, r), KL
@@ -325,6 +325,277 @@ class ContextEncoder(nn.Module):
         return Normal(zeros, torch.ones_like(zeros))
 
 
+# Networks: PEARL's MLPs and Hyper-PEARL's hypernetworks (paper Sec. 5)
+#
+# PEARL (oyster launch_experiment.py, rlkit networks.py / sac/policies.py; notes §3.1): Q1, Q2 over [s, a, z], V over
+# [s, z] and a tanh-Gaussian policy over [s, z], each 3 x 300 ReLU, initialised as rlkit's Mlp (hidden weights fan-in
+# uniform, bias 0.1; last layer U(+-3e-3), the policy's mean and log-std heads U(+-1e-3), TanhGaussianPolicy's init_w).
+# Hyper-PEARL (HypeRL PEARL/torch/sac/hyper_*.py; notes §3.2): the policy's meta variable is z and its base the state;
+# Q's meta variable is the state and its base [a, z]; V's meta the state and base z. Each has the primary network of
+# hyper_td3.py / hyper_maml.py (stages d/4, d/2, d with 2 residual blocks each, d = 1024) and a dynamic network with one
+# 256-unit hidden layer; the policy has two output layers, a mean and a generated (state- and task-dependent) log-std.
+# The policy's dynamic weights depend on z only, so they are computed once per task (`HyperPolicy.task_weights`) and
+# applied to all of that task's states (`forward_with_weights`); the authors generated them per sample (bmm), which
+# gives the same numbers at meta_batch x 256 times the primary-network cost.
+
+REWARD_SCALE = 5.0  # PEARL's reward_scale (oyster configs/default.py; no env overrides it; unchanged in HypeRL)
+PEARL_LR = 3e-4  # PEARL's policy_lr = qf_lr = vf_lr = context_lr (oyster configs/default.py)
+HYPER_CRITIC_LR = 5e-5  # Hyper-PEARL's Q1, Q2 and V lr, HypeRL's hyper_lr (PEARL/configs/default.py, sac.py)
+HYPER_POLICY_LR = 1e-4  # Hyper-PEARL's policy lr, hard-coded in HypeRL PEARL/torch/sac/sac.py
+HYPER_CONTEXT_LR = 3e-4  # Hyper-PEARL keeps PEARL's context_lr (notes §3.2)
+NET_SIZE, NET_LAYERS = 300, 3  # PEARL's net_size: 3 hidden layers of 300 for policy, Q1, Q2 and V
+LAST_LAYER_INIT = 3e-3  # rlkit Mlp's init_w: Q and V output layers U(+-3e-3)
+POLICY_HEAD_INIT = 1e-3  # rlkit TanhGaussianPolicy's init_w: mean and log-std heads U(+-1e-3)
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # TanhGaussianPolicy's clamp (also HypeRL's Hyper_Policy)
+HYPER_EMBEDDING_DIM, HYPER_BLOCKS, DYNAMIC_HIDDEN = 1024, 2, 256  # HypeRL hyper_network.py; one 256 dynamic layer
+
+
+def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log pi(a) for a = tanh(u), u ~ N(mean, exp(log_std)^2), summed over the last dim, keepdim: (..., 1).
+
+    Change of variables: log pi(a) = log N(u) - sum log(1 - tanh(u)^2), with log(1 - tanh(u)^2) written as
+    2 (log 2 - u - softplus(-2u)), exact and finite for saturated u (oyster adds 1e-6 inside the log instead).
+    """
+    log_det = 2.0 * (np.log(2.0) - u - F.softplus(-2.0 * u))
+    return (Normal(mean, log_std.exp()).log_prob(u) - log_det).sum(-1, keepdim=True)
+
+
+def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A reparameterised sample a = tanh(u), u ~ N(mean, std^2): (action, log-prob (..., 1), pre-tanh mean).
+    The deterministic (evaluation) action is tanh(mean); actions are in [-1, 1], the task envs' action box."""
+    u = mean + log_std.exp() * torch.randn_like(mean)
+    return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std), mean
+
+
+def rlkit_mlp(in_dim: int, hidden: int, layers: int) -> nn.Sequential:
+    """`layers` hidden ReLU layers of `hidden` units, fan-in uniform weights and bias 0.1 (rlkit's Mlp hidden layers)."""
+    modules, width_in = [], in_dim
+    for _ in range(layers):
+        fc = nn.Linear(width_in, hidden)
+        fanin_uniform_(fc.weight)
+        nn.init.constant_(fc.bias, 0.1)
+        modules += [fc, nn.ReLU()]
+        width_in = hidden
+    return nn.Sequential(*modules)
+
+
+def small_uniform_linear(in_dim: int, out_dim: int, bound: float) -> nn.Linear:
+    """A linear output layer with weight and bias U(-bound, bound) (rlkit's last_fc init)."""
+    fc = nn.Linear(in_dim, out_dim)
+    nn.init.uniform_(fc.weight, -bound, bound)
+    nn.init.uniform_(fc.bias, -bound, bound)
+    return fc
+
+
+class MLPQ(nn.Module):
+    """PEARL's Q(s, a, z): rlkit FlattenMlp over [s, a, z], 3 x 300 ReLU, one output."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = LATENT_DIM, hidden: int = NET_SIZE,
+                 layers: int = NET_LAYERS):  # fmt: skip
+        super().__init__()
+        self.body = rlkit_mlp(obs_dim + act_dim + latent_dim, hidden, layers)
+        self.last = small_uniform_linear(hidden, 1, LAST_LAYER_INIT)
+
+    def forward(self, obs, act, z):
+        """(..., obs_dim), (..., act_dim), (..., latent) -> (..., 1)."""
+        return self.last(self.body(torch.cat([obs, act, z], dim=-1)))
+
+
+class MLPV(nn.Module):
+    """PEARL's V(s, z): rlkit FlattenMlp over [s, z], 3 x 300 ReLU, one output."""
+
+    def __init__(self, obs_dim: int, latent_dim: int = LATENT_DIM, hidden: int = NET_SIZE, layers: int = NET_LAYERS):
+        super().__init__()
+        self.body = rlkit_mlp(obs_dim + latent_dim, hidden, layers)
+        self.last = small_uniform_linear(hidden, 1, LAST_LAYER_INIT)
+
+    def forward(self, obs, z):
+        """(..., obs_dim), (..., latent) -> (..., 1)."""
+        return self.last(self.body(torch.cat([obs, z], dim=-1)))
+
+
+class MLPPolicy(nn.Module):
+    """PEARL's TanhGaussianPolicy over [s, z]: 3 x 300 ReLU, linear mean and log-std heads (U(+-1e-3)), the log-std
+    clamped to [-20, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = LATENT_DIM, hidden: int = NET_SIZE,
+                 layers: int = NET_LAYERS):  # fmt: skip
+        super().__init__()
+        self.body = rlkit_mlp(obs_dim + latent_dim, hidden, layers)
+        self.mean = small_uniform_linear(hidden, act_dim, POLICY_HEAD_INIT)
+        self.log_std = small_uniform_linear(hidden, act_dim, POLICY_HEAD_INIT)
+
+    def dist_params(self, obs, z):
+        """(..., obs_dim), (..., latent) -> pre-tanh mean and clamped log-std, each (..., act_dim)."""
+        h = self.body(torch.cat([obs, z], dim=-1))
+        return self.mean(h), torch.clamp(self.log_std(h), LOG_STD_MIN, LOG_STD_MAX)
+
+    def forward(self, obs, z):
+        """-> (action in [-1, 1], log-prob (..., 1), pre-tanh mean)."""
+        return tanh_gaussian_sample(*self.dist_params(obs, z))
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block x + W2 relu(W1 relu(x)) (paper Sec. 2; as in hyper_td3.py)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc2(F.relu(self.fc1(F.relu(x))))
+
+
+class PrimaryNetwork(nn.Module):
+    """Maps the meta variable to an embedding e: Linear(meta, d/4), blocks, Linear(d/4, d/2), blocks, Linear(d/2, d),
+    blocks; the raw residual stream, no final activation (paper Fig. 1, d = 1024; as in hyper_td3.py)."""
+
+    def __init__(self, meta_dim: int, embedding_dim: int, blocks: int):
+        super().__init__()
+        if embedding_dim < 4 or embedding_dim % 4:
+            raise ValueError(f"hyper embedding dim must be a positive multiple of 4, got {embedding_dim}")
+        layers, width_in = [], meta_dim
+        for width in (embedding_dim // 4, embedding_dim // 2, embedding_dim):
+            layers.append(nn.Linear(width_in, width))
+            layers.extend(ResBlock(width) for _ in range(blocks))
+            width_in = width
+        self.net = nn.Sequential(*layers)
+        self.embedding_dim = embedding_dim
+
+    def forward(self, meta):
+        return self.net(meta)
+
+
+class DynamicLayerHeads(nn.Module):
+    """Three parallel linear heads of the embedding giving one dynamic layer's weight W (out x in), bias b and gain g
+    (paper Sec. 2). `relu_after` says whether a ReLU follows the layer (it sets the layer's Kaiming gain)."""
+
+    def __init__(self, embedding_dim: int, fan_in: int, fan_out: int, relu_after: bool):
+        super().__init__()
+        self.fan_in, self.fan_out, self.relu_after = fan_in, fan_out, relu_after
+        self.weight = nn.Linear(embedding_dim, fan_out * fan_in)
+        self.bias = nn.Linear(embedding_dim, fan_out)
+        self.gain = nn.Linear(embedding_dim, fan_out)
+
+    def forward(self, e):
+        """e (..., d) -> W (..., out, in), b (..., out), g (..., out)."""
+        lead = e.shape[:-1]
+        return self.weight(e).view(*lead, self.fan_out, self.fan_in), self.bias(e), self.gain(e)
+
+
+def dynamic_layer(params, x: torch.Tensor) -> torch.Tensor:
+    """One dynamic layer (paper eq. 1, before its non-linearity): (1 + g) * (W x) + b. W (..., out, in) with x
+    (..., in) is per sample; W (tasks, out, in) with x (tasks, N, in) applies each task's weights to its N rows."""
+    weight, bias, gain = params
+    if x.dim() == weight.dim():  # (tasks, N, in): one weight per task, shared by its N inputs
+        return (1 + gain.unsqueeze(-2)) * torch.einsum("toi,tni->tno", weight, x) + bias.unsqueeze(-2)
+    return (1 + gain) * torch.einsum("...oi,...i->...o", weight, x) + bias
+
+
+class HyperPolicy(nn.Module):
+    """Hyper-PEARL's policy: meta z -> primary network -> a dynamic network over the state with one hidden ReLU layer
+    and two output layers, the pre-tanh mean and a generated log-std (clamped to [-20, 2]); tanh-Gaussian as PEARL's.
+    heads = [hidden, mean, log-std]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = LATENT_DIM,
+                 embedding_dim: int = HYPER_EMBEDDING_DIM, blocks: int = HYPER_BLOCKS,
+                 dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
+        super().__init__()
+        self.primary = PrimaryNetwork(latent_dim, embedding_dim, blocks)
+        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, obs_dim, dynamic_hidden, relu_after=True),
+                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim, relu_after=False),
+                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim, relu_after=False)])
+
+    def task_weights(self, z: torch.Tensor):
+        """z (tasks, latent) -> the dynamic network's [(W, b, g)] per task: run the primary network once per task."""
+        e = self.primary(z)
+        return [head(e) for head in self.heads]
+
+    def dist_params_with_weights(self, weights, obs: torch.Tensor):
+        """weights from `task_weights`, obs (tasks, N, obs_dim) -> pre-tanh mean and log-std (tasks, N, act_dim).
+        Also accepts per-sample weights (B, ...) with obs (B, obs_dim)."""
+        hidden, mean, log_std = weights
+        h = F.relu(dynamic_layer(hidden, obs))
+        return dynamic_layer(mean, h), torch.clamp(dynamic_layer(log_std, h), LOG_STD_MIN, LOG_STD_MAX)
+
+    def forward_with_weights(self, weights, obs: torch.Tensor):
+        """-> (action, log-prob (tasks, N, 1), pre-tanh mean) for obs (tasks, N, obs_dim)."""
+        return tanh_gaussian_sample(*self.dist_params_with_weights(weights, obs))
+
+    def dist_params(self, obs: torch.Tensor, z: torch.Tensor):
+        """Per sample: obs (B, obs_dim), z (B, latent) -> mean and log-std (B, act_dim)."""
+        return self.dist_params_with_weights(self.task_weights(z), obs)
+
+    def forward(self, obs: torch.Tensor, z: torch.Tensor):
+        """Per sample (one primary-network pass per row): -> (action, log-prob (B, 1), pre-tanh mean)."""
+        return tanh_gaussian_sample(*self.dist_params(obs, z))
+
+
+class HyperQ(nn.Module):
+    """Hyper-PEARL's Q(s, a, z): meta = state, base = [a, z]; one dynamic hidden ReLU layer, one output."""
+
+    def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = LATENT_DIM,
+                 embedding_dim: int = HYPER_EMBEDDING_DIM, blocks: int = HYPER_BLOCKS,
+                 dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
+        super().__init__()
+        self.primary = PrimaryNetwork(obs_dim, embedding_dim, blocks)
+        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, act_dim + latent_dim, dynamic_hidden, True),
+                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, 1, False)])
+
+    def forward(self, obs, act, z):
+        """(..., obs_dim), (..., act_dim), (..., latent) -> (..., 1); dynamic weights per sample (from its state)."""
+        hidden, out = [head(self.primary(obs)) for head in self.heads]
+        return dynamic_layer(out, F.relu(dynamic_layer(hidden, torch.cat([act, z], dim=-1))))
+
+
+class HyperV(nn.Module):
+    """Hyper-PEARL's V(s, z): meta = state, base = z; one dynamic hidden ReLU layer, one output."""
+
+    def __init__(self, obs_dim: int, latent_dim: int = LATENT_DIM, embedding_dim: int = HYPER_EMBEDDING_DIM,
+                 blocks: int = HYPER_BLOCKS, dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
+        super().__init__()
+        self.primary = PrimaryNetwork(obs_dim, embedding_dim, blocks)
+        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, latent_dim, dynamic_hidden, True),
+                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, 1, False)])
+
+    def forward(self, obs, z):
+        """(..., obs_dim), (..., latent) -> (..., 1)."""
+        hidden, out = [head(self.primary(obs)) for head in self.heads]
+        return dynamic_layer(out, F.relu(dynamic_layer(hidden, z)))
+
+
+def init_hypernetwork(module: nn.Module, meta_samples: torch.Tensor) -> None:
+    """The paper's initialization (Sec. 5.2: the initial dynamic weights resemble, on average, Kaiming-uniform), as
+    hyper_td3.py's "kaiming" scheme, for any module with `.primary` and `.heads` (HyperPolicy, HyperQ, HyperV).
+
+    A generated weight is w = sum_k H_k e_k with head weights H_k ~ U(-c, c) independent of the embedding e, so over
+    the meta variable's distribution E[w^2] = (c^2 / 3) d E[e_k^2] (d the embedding width). Kaiming-uniform for a
+    dynamic layer of fan-in n has variance gain^2 / n (gain sqrt(2) before a ReLU, 1 for an output layer), hence
+        c = gain * sqrt(3 / n) / (sqrt(d) * rms(e)),
+    with rms(e) measured on `meta_samples` (states for Q and V, z ~ N(0, I) for the policy), drawn as the network
+    will first see them. Primary layers are Kaiming-uniform (gain sqrt(2) after a ReLU, 1 for the stage projections
+    reading the raw residual stream) with zero biases. The bias and gain heads start at zero, so every meta variable
+    first generates a Kaiming-uniform network with zero biases and unit gains. (The authors initialised the policy's
+    log-std head U(+-1e-3); here it is an output layer like the mean's.)
+    """
+    with torch.no_grad():
+        for layer in module.primary.net:
+            fcs = [(layer, "linear")] if isinstance(layer, nn.Linear) else [(layer.fc1, "relu"), (layer.fc2, "relu")]
+            for fc, nonlinearity in fcs:
+                nn.init.kaiming_uniform_(fc.weight, nonlinearity=nonlinearity)
+                nn.init.zeros_(fc.bias)
+        e_rms = module.primary(meta_samples).pow(2).mean().sqrt().item()
+        for head in module.heads:
+            gain = np.sqrt(2.0) if head.relu_after else 1.0
+            bound = gain * np.sqrt(3.0 / head.fan_in) / (np.sqrt(module.primary.embedding_dim) * e_rms)
+            nn.init.uniform_(head.weight.weight, -bound, bound)
+            for fc in (head.bias, head.gain):
+                nn.init.zeros_(fc.weight)
+            for fc in (head.weight, head.bias, head.gain):
+                nn.init.zeros_(fc.bias)
+
+
 if __name__ == "__main__":
-    print("hyper_pearl.py: training is not in this file yet (task families and context encoder only)", file=sys.stderr)
+    print("hyper_pearl.py: training is not in this file yet (task families, context encoder and networks only)", file=sys.stderr)
     sys.exit(2)

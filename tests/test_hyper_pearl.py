@@ -219,4 +219,123 @@ def test_main_says_training_is_not_here_yet():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "hyper_pearl.py")], capture_output=True, text=True,
                             cwd=ROOT, timeout=60)  # fmt: skip
     assert result.returncode == 2
-    assert "hyper_pearl.py: training is not in this file yet (task families and context encoder only)" in result.stderr
+    assert "hyper_pearl.py: training is not in this file yet (task families, context encoder and networks only)" in result.stderr
+
+
+# Networks: PEARL's MLPs and Hyper-PEARL's hypernetworks
+
+from hyper_pearl import (HyperPolicy, HyperQ, HyperV, MLPPolicy, MLPQ, MLPV, init_hypernetwork,  # noqa: E402
+                         tanh_gaussian_log_prob)
+
+OBS, ACT, LAT = 17, 6, LATENT_DIM
+SMALL = dict(embedding_dim=64, blocks=1, dynamic_hidden=32)
+
+
+def small_hyper_nets(seed=0):
+    torch.manual_seed(seed)
+    policy, q, v = HyperPolicy(OBS, ACT, LAT, **SMALL), HyperQ(OBS, ACT, LAT, **SMALL), HyperV(OBS, LAT, **SMALL)
+    init_hypernetwork(policy, torch.randn(512, LAT))
+    init_hypernetwork(q, 4.0 * torch.randn(512, OBS))
+    init_hypernetwork(v, 4.0 * torch.randn(512, OBS))
+    return policy, q, v
+
+
+def test_network_output_shapes():
+    torch.manual_seed(0)
+    b = 7
+    obs, act, z = torch.randn(b, OBS), torch.rand(b, ACT) * 2 - 1, torch.randn(b, LAT)
+    policy, q, v = small_hyper_nets()
+    for mlp_policy, mlp_q, mlp_v in [(MLPPolicy(OBS, ACT, LAT, hidden=32), MLPQ(OBS, ACT, LAT, hidden=32),
+                                      MLPV(OBS, LAT, hidden=32)), (policy, q, v)]:
+        action, log_prob, mean = mlp_policy(obs, z)
+        assert action.shape == mean.shape == (b, ACT) and log_prob.shape == (b, 1)
+        assert action.abs().max() <= 1.0 and torch.isfinite(log_prob).all()
+        assert mlp_q(obs, act, z).shape == (b, 1) and mlp_v(obs, z).shape == (b, 1)
+    tasks, n = 3, 5
+    action, log_prob, mean = policy.forward_with_weights(policy.task_weights(torch.randn(tasks, LAT)),
+                                                         torch.randn(tasks, n, OBS))
+    assert action.shape == mean.shape == (tasks, n, ACT) and log_prob.shape == (tasks, n, 1)
+
+
+def test_tanh_gaussian_log_prob_equals_direct_computation_and_is_finite_when_saturated():
+    torch.manual_seed(0)
+    mean, log_std = torch.randn(64, ACT), torch.rand(64, ACT) - 0.5
+    u = mean + log_std.exp() * torch.randn(64, ACT)
+    u64, mean64, log_std64 = u.double(), mean.double(), log_std.double()
+    direct = (Normal(mean64, log_std64.exp()).log_prob(u64) - torch.log(1 - torch.tanh(u64) ** 2)).sum(-1, keepdim=True)
+    torch.testing.assert_close(tanh_gaussian_log_prob(u, mean, log_std).double(), direct, rtol=1e-5, atol=1e-4)
+    saturated = torch.full((4, ACT), 30.0) * torch.tensor([1.0, -1.0, 1.0, -1.0]).unsqueeze(1)
+    assert torch.isfinite(tanh_gaussian_log_prob(saturated, saturated, torch.zeros(4, ACT))).all()
+
+
+def test_hyper_policy_runs_the_primary_once_per_task_batch_and_matches_per_sample_forward():
+    policy, _, _ = small_hyper_nets()
+    tasks, n = 4, 9
+    z, obs = torch.randn(tasks, LAT), torch.randn(tasks, n, OBS)
+    calls = []
+    handle = policy.primary.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape))
+    weights = policy.task_weights(z)
+    mean, log_std = policy.dist_params_with_weights(weights, obs)
+    handle.remove()
+    assert calls == [(tasks, LAT)]
+    per_mean, per_log_std = policy.dist_params(obs.reshape(-1, OBS), z.repeat_interleave(n, dim=0))
+    torch.testing.assert_close(mean.reshape(-1, ACT), per_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_std.reshape(-1, ACT), per_log_std, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    batched = policy.forward_with_weights(weights, obs)
+    torch.manual_seed(1)
+    per_sample = policy(obs.reshape(-1, OBS), z.repeat_interleave(n, dim=0))
+    for x, y in zip(batched, per_sample):
+        torch.testing.assert_close(x.reshape(y.shape), y, rtol=1e-5, atol=1e-5)
+
+
+def test_hyper_q_action_gradient_depends_on_the_state():
+    _, q, _ = small_hyper_nets()
+    torch.manual_seed(2)
+    states, z = 4.0 * torch.randn(2, OBS), torch.randn(1, LAT).expand(2, LAT)
+    act = torch.rand(1, ACT).expand(2, ACT).clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(q(states, act, z).sum(), act)
+    assert not torch.allclose(grad[0], grad[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["policy", "q", "v"])
+def test_kaiming_init_gives_kaiming_first_layer_weights_and_zero_bias_gain_heads(which):
+    policy, q, v = small_hyper_nets()
+    net = {"policy": policy, "q": q, "v": v}[which]
+    torch.manual_seed(3)
+    meta = torch.randn(256, LAT) if which == "policy" else 4.0 * torch.randn(256, OBS)
+    with torch.no_grad():
+        e = net.primary(meta)
+        weight, bias, gain = net.heads[0](e)
+    rms = weight.pow(2).mean().sqrt().item()
+    expected = np.sqrt(2.0 / net.heads[0].fan_in)
+    assert abs(rms / expected - 1) < 0.2, (rms, expected)
+    assert torch.count_nonzero(bias) == 0 and torch.count_nonzero(gain) == 0
+    for head in net.heads:
+        for fc in (head.bias, head.gain):
+            assert torch.count_nonzero(fc.weight) == 0 and torch.count_nonzero(fc.bias) == 0
+
+
+def test_mlp_init_last_layers_are_small_uniform():
+    torch.manual_seed(0)
+    policy, q, v = MLPPolicy(OBS, ACT, LAT), MLPQ(OBS, ACT, LAT), MLPV(OBS, LAT)
+    assert len([m for m in q.body if isinstance(m, torch.nn.Linear)]) == 3 and q.body[0].out_features == 300
+    for fc in (policy.mean, policy.log_std, q.last, v.last):
+        assert fc.weight.abs().max() <= 3e-3 and fc.bias.abs().max() <= 3e-3
+    for fc in (m for m in q.body if isinstance(m, torch.nn.Linear)):
+        assert fc.weight.abs().max() <= 1 / np.sqrt(fc.in_features) and torch.all(fc.bias == 0.1)
+
+
+def test_full_size_hyper_networks_build_with_the_papers_shape():
+    policy = HyperPolicy(OBS, ACT)
+    assert policy.primary.embedding_dim == 1024 and policy.heads[0].fan_out == 256
+    widths = [m.out_features for m in policy.primary.net if isinstance(m, torch.nn.Linear)]
+    assert widths == [256, 512, 1024]
+    assert sum(isinstance(m, torch.nn.Module) and type(m).__name__ == "ResBlock" for m in policy.primary.net) == 6
+
+
+def test_hyper_parameter_counts_match_the_authors():
+    """Notes §3.2: Hyper_Policy 15.1 M (their cheetah obs is 20-D) and 18.0 M (ant, 27-D); Hyper_QNetwork 9.9 M."""
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    assert round(count(HyperPolicy(20, 6)), 1) == 15.1 and round(count(HyperPolicy(27, 8)), 1) == 18.0
+    assert round(count(HyperQ(20, 6)), 1) == 9.9
