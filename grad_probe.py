@@ -292,10 +292,24 @@ class HyperCritic(nn.Module):
             [DynamicLayerHeads(embedding_dim, base_dim, dynamic_hidden), DynamicLayerHeads(embedding_dim, dynamic_hidden, 1)]
         )
 
+    def dynamic_weights(self, meta):
+        e = self.primary(meta)
+        return [head(e) for head in self.heads]
+
     def forward(self, obs, act):
         meta, base = (obs, act) if self.meta_is_state else (act, obs)
-        e = self.primary(meta)
-        return dynamic_forward([head(e) for head in self.heads], base)
+        return dynamic_forward(self.dynamic_weights(meta), base)
+
+
+def q_at_actions(qf: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Q(s_i, a_ij) for obs (S, obs_dim) and actions (S, N, act_dim) -> (S, N). For SA-Hyper the state is the meta
+    variable, so its dynamic weights are generated once per state and shared by that state's N actions."""
+    n_states, n_actions, act_dim = actions.shape
+    flat_actions = actions.reshape(-1, act_dim)
+    if isinstance(qf, HyperCritic) and qf.meta_is_state:
+        layers = [tuple(t.repeat_interleave(n_actions, 0) for t in layer) for layer in qf.dynamic_weights(obs)]
+        return dynamic_forward(layers, flat_actions).view(n_states, n_actions)
+    return qf(obs.repeat_interleave(n_actions, 0), flat_actions).view(n_states, n_actions)
 
 
 def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tensor) -> None:
@@ -500,8 +514,7 @@ def run_probe(envs, actor, qf1, qf1_target, qf2_target, args, rng: np.random.Gen
     true_grad = least_squares_gradient(actions - policy_action[:, None], returns_t)
     critic_grad = critic_action_gradient(qf1, obs_t, policy_action)
     with torch.no_grad():
-        flat_obs = obs_t[:, None].expand(-1, args.probe_actions, -1).reshape(-1, obs_t.shape[1])
-        q_values = qf1(flat_obs, actions.reshape(-1, actions.shape[-1])).view(args.probe_states, args.probe_actions)
+        q_values = q_at_actions(qf1, obs_t, actions)
     cos = cosine_similarity(critic_grad, true_grad)
     return {
         "obs": obs_t.cpu(), "episode_steps": torch.as_tensor(episode_steps), "actions": actions.cpu(), "returns": returns_t.cpu(),

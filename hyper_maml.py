@@ -579,12 +579,15 @@ def adapt(policy: GaussianPolicy, params: Optional[dict], episodes: Episodes, co
     """theta' = theta - alpha grad_theta L_inner(theta) for ALL parameters (MAML eq. 1). Second order (default): the
     inner gradient keeps its graph (create_graph), so d theta'/d theta = I - alpha Hessian reaches the meta-gradient.
     first_order: the inner gradient is a constant, d theta'/d theta = I (FOMAML). params None: the policy's own.
-    Also works under torch.no_grad() and for params that do not require grad (evaluation on test tasks)."""
+    Also works under torch.no_grad() and for params that do not require grad (evaluation on test tasks, line-search
+    candidates); then no second-order graph is built, since nothing can differentiate through it."""
     params = dict(policy.named_parameters()) if params is None else params
+    # the second-order graph is only worth building if someone can differentiate w.r.t. the given params
+    create_graph = not first_order and torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
     with torch.enable_grad():
         params = {name: p if p.requires_grad else p.detach().requires_grad_() for name, p in params.items()}
         loss = inner_loss(policy, params, episodes, context, advantages)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order, materialize_grads=True)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, materialize_grads=True)
         return {name: p - step_size * g for (name, p), g in zip(params.items(), grads)}
 
 
@@ -676,7 +679,8 @@ def line_search(objective: Callable, params: dict, full_step: torch.Tensor, surr
     Returns (params, stats) with stats surrogate, kl (of the returned params) and ls_steps (k, or -1 if rejected)."""
     for k in range(max_steps):
         candidate = add_step(params, backtrack_ratio**k * full_step)
-        surrogate, kl = (v.item() for v in objective(candidate))
+        with torch.no_grad():  # only values here: no second-order graph, no graph of the surrogate or the KL
+            surrogate, kl = (v.item() for v in objective(candidate))
         if surrogate < surrogate_before and kl <= max_kl:  # False for NaN as well
             return candidate, {"surrogate": surrogate, "kl": kl, "ls_steps": k}
     return params, {"surrogate": surrogate_before, "kl": 0.0, "ls_steps": -1}

@@ -15,6 +15,7 @@ from grad_probe import (
     Args,
     HyperCritic,
     critic_action_gradient,
+    q_at_actions,
     cosine_similarity,
     get_sim_state,
     learnable_fraction,
@@ -159,6 +160,20 @@ def test_critic_action_gradient_matches_finite_differences_and_leaves_the_critic
         fd = (critic(obs, act + step) - critic(obs, act - step))[:, 0] / (2 * eps)
         assert torch.allclose(grad[:, k], fd, atol=1e-7)
     assert all(p.grad is None and p.requires_grad for p in critic.parameters())
+
+
+@pytest.mark.parametrize("meta_is_state", [True, False])
+def test_q_at_actions_equals_the_per_pair_forward_and_runs_the_primary_once_per_state(meta_is_state):
+    torch.manual_seed(0)
+    critic = HyperCritic(5, 3, meta_is_state=meta_is_state, embedding_dim=16, blocks=1, dynamic_hidden=8)
+    obs, actions = torch.randn(4, 5), torch.randn(4, 7, 3)
+    rows = []
+    critic.primary.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[0]))
+    with torch.no_grad():
+        q = q_at_actions(critic, obs, actions)
+        expected = torch.stack([critic(obs[i].expand(7, -1), actions[i])[:, 0] for i in range(4)])
+    assert torch.allclose(q, expected, atol=1e-6)
+    assert rows[0] == (4 if meta_is_state else 28)  # SA-Hyper: one primary-network row per state, not per pair
 
 
 # --- rollouts and the whole probe on an environment with a known return ----------------------------------------
