@@ -434,6 +434,15 @@ class MLPPolicy(nn.Module):
         """-> (action in [-1, 1], log-prob (..., 1), pre-tanh mean)."""
         return tanh_gaussian_sample(*self.dist_params(obs, z))
 
+    def task_weights(self, z: torch.Tensor) -> torch.Tensor:
+        """The MLP's per-task conditioning is z itself, concatenated to every state (HyperPolicy's interface, so the
+        sampler and the SAC update treat both policies alike)."""
+        return z
+
+    def dist_params_with_weights(self, z: torch.Tensor, obs: torch.Tensor):
+        """z (tasks, latent), obs (tasks, N, obs_dim) -> mean and log-std (tasks, N, act_dim)."""
+        return self.dist_params(obs, z.unsqueeze(-2).expand(*obs.shape[:-1], z.shape[-1]))
+
 
 class ResBlock(nn.Module):
     """Pre-activation residual block x + W2 relu(W1 relu(x)) (paper Sec. 2; as in hyper_td3.py)."""
@@ -596,6 +605,713 @@ def init_hypernetwork(module: nn.Module, meta_samples: torch.Tensor) -> None:
                 nn.init.zeros_(fc.bias)
 
 
+# Soft actor-critic with a task latent (PEARL Sec. 4-5; oyster rlkit/torch/sac/sac.py; notes §3.1)
+#
+# PEARL's SAC has twin Q networks, a V network and a Polyak-averaged target V, and no entropy temperature: the reward is
+# scaled by 5 instead (the entropy weight is effectively 1/5). One training step, on a meta-batch of train tasks with
+# 256 transitions and a context batch per task:
+#   z ~ q(z | c)                                   one reparameterised sample per task, from its context batch
+#   Q target   y   = 5 r + gamma (1 - d) V_target(s', z)
+#   Q loss         = mean (Q1(s, a, z) - y)^2 + mean (Q2(s, a, z) - y)^2,  plus 0.1 * sum over tasks KL(q(z|c) || N(0, I))
+#   V target       = min(Q1, Q2)(s, a~, z) - log pi(a~ | s, z),   a~ ~ pi(. | s, z)
+#   policy loss    = mean(log pi(a~ | s, z) - min(Q1, Q2)(s, a~, z)) + 1e-3 mean(mean^2) + 1e-3 mean(log_std^2)
+# The encoder is trained by the Q loss and the KL term only: V, V_target and the policy see z.detach(). As in oyster,
+# the Q and encoder step comes first, and V's target and the policy loss use the updated Q networks. Those two evaluate
+# Q with its parameters frozen, so no graph is built for Q's weights (for Hyper-PEARL: Q's dynamic weights are computed
+# without grad, and only the dynamic network is differentiated, with respect to the action).
+
+TAU = 0.005  # PEARL's soft_target_tau
+GAMMA = 0.99  # PEARL's discount
+POLICY_MEAN_REG, POLICY_STD_REG = 1e-3, 1e-3  # PEARL's policy_mean_reg_weight and policy_std_reg_weight
+
+
+class frozen:
+    """Context manager: the modules' parameters stop requiring grad, so a loss that goes through them builds no
+    autograd graph for their weights."""
+
+    def __init__(self, *modules):
+        self.params = [p for m in modules for p in m.parameters()]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+@torch.no_grad()
+def soft_update(online: nn.Module, target: nn.Module, tau: float) -> None:
+    """target <- tau * online + (1 - tau) * target."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+
+def q_target(rewards, terminals, next_v, reward_scale: float, gamma: float) -> torch.Tensor:
+    """y = reward_scale * r + gamma * (1 - d) * V_target(s', z). Only true terminations set d; the 200-step time
+    limit does not (oyster's rollouts just stop at max_path_length)."""
+    return reward_scale * rewards + gamma * (1.0 - terminals) * next_v
+
+
+class PEARLAgent(nn.Module):
+    """The context encoder, the policy, Q1, Q2, V and the target V of one run (MLP or hypernetwork models)."""
+
+    def __init__(self, encoder: ContextEncoder, policy: nn.Module, qf1: nn.Module, qf2: nn.Module, vf: nn.Module,
+                 target_vf: nn.Module):  # fmt: skip
+        super().__init__()
+        self.encoder, self.policy, self.qf1, self.qf2, self.vf, self.target_vf = encoder, policy, qf1, qf2, vf, target_vf
+        self.target_vf.load_state_dict(self.vf.state_dict())
+        self.target_vf.requires_grad_(False)
+
+
+@dataclass
+class Batch:
+    """A meta-batch of transitions, every field (tasks, N, dim); rewards and terminals are (tasks, N, 1)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_obs: torch.Tensor
+    terminals: torch.Tensor
+
+
+def critic_loss(agent: PEARLAgent, batch: Batch, context: torch.Tensor, reward_scale: float, gamma: float, kl_lambda: float):
+    """Q loss plus kl_lambda * KL, the one loss that reaches the encoder. Returns (loss, z (tasks, latent), stats)."""
+    posterior = agent.encoder.posterior(context)
+    z = sample_z(posterior)
+    kl = kl_to_prior(posterior).sum()  # summed over tasks, as oyster's compute_kl_div
+    z_rows = z.unsqueeze(-2).expand(*batch.obs.shape[:-1], z.shape[-1])
+    q1 = agent.qf1(batch.obs, batch.actions, z_rows)
+    q2 = agent.qf2(batch.obs, batch.actions, z_rows)
+    with torch.no_grad():
+        target = q_target(batch.rewards, batch.terminals, agent.target_vf(batch.next_obs, z_rows), reward_scale, gamma)
+    qf1_loss, qf2_loss = F.mse_loss(q1, target), F.mse_loss(q2, target)
+    stats = {"qf1_loss": qf1_loss, "qf2_loss": qf2_loss, "qf1_values": q1.mean(), "qf2_values": q2.mean(),
+             "kl_div": kl, "z_mean": posterior.loc.abs().mean(), "z_var": posterior.scale.pow(2).mean(), "q_target": target}  # fmt: skip
+    return qf1_loss + qf2_loss + kl_lambda * kl, z, stats
+
+
+def value_and_policy_losses(agent: PEARLAgent, batch: Batch, z: torch.Tensor):
+    """V loss and policy loss on the detached z; Q is evaluated frozen. Returns (vf_loss, policy_loss, stats)."""
+    z = z.detach()
+    weights = agent.policy.task_weights(z)  # Hyper-PEARL: the dynamic weights once per task, not per transition
+    mean, log_std = agent.policy.dist_params_with_weights(weights, batch.obs)
+    new_actions, log_pi, _ = tanh_gaussian_sample(mean, log_std)
+    z_rows = z.unsqueeze(-2).expand(*batch.obs.shape[:-1], z.shape[-1])
+    with frozen(agent.qf1, agent.qf2):
+        min_q_new = torch.min(agent.qf1(batch.obs, new_actions, z_rows), agent.qf2(batch.obs, new_actions, z_rows))
+    vf_loss = F.mse_loss(agent.vf(batch.obs, z_rows), (min_q_new - log_pi).detach())
+    regulariser = POLICY_MEAN_REG * mean.pow(2).mean() + POLICY_STD_REG * log_std.pow(2).mean()
+    policy_loss = (log_pi - min_q_new).mean() + regulariser
+    return vf_loss, policy_loss, {"vf_loss": vf_loss, "actor_loss": policy_loss, "log_pi": log_pi.mean()}
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(f"non-finite {name} ({value.item() if value.numel() == 1 else 'tensor'})")
+
+
+def train_step(agent: PEARLAgent, optimizers: dict, batch: Batch, context: torch.Tensor, reward_scale: float = REWARD_SCALE,
+               gamma: float = GAMMA, tau: float = TAU, kl_lambda: float = KL_LAMBDA) -> dict:  # fmt: skip
+    """One PEARL gradient step (see the section comment). Raises FloatingPointError before an optimizer step whose
+    loss is not finite. Returns the step's scalars."""
+    loss, z, stats = critic_loss(agent, batch, context, reward_scale, gamma, kl_lambda)
+    check_finite("Q loss + KL", loss)
+    for name in ("context", "qf1", "qf2"):
+        optimizers[name].zero_grad(set_to_none=True)
+    loss.backward()
+    for name in ("context", "qf1", "qf2"):
+        optimizers[name].step()
+
+    vf_loss, policy_loss, more = value_and_policy_losses(agent, batch, z)
+    check_finite("V loss", vf_loss)
+    check_finite("policy loss", policy_loss)
+    optimizers["vf"].zero_grad(set_to_none=True)
+    optimizers["policy"].zero_grad(set_to_none=True)
+    (vf_loss + policy_loss).backward()  # disjoint parameters: V's loss has a detached target, the policy's no V
+    optimizers["vf"].step()
+    optimizers["policy"].step()
+    soft_update(agent.vf, agent.target_vf, tau)
+    stats.pop("q_target")
+    return {k: float(v.detach()) for k, v in {**stats, **more, "qf_loss": stats["qf1_loss"] + stats["qf2_loss"]}.items()}
+
+
+# Replay: per-task buffers (oyster MultiTaskReplayBuffer)
+#
+# Each train task has an RL buffer, which keeps everything collected for it (up to --buffer-size, then oldest first),
+# and an encoder buffer, cleared each time the task is sampled for collection, so the context that trains the encoder
+# comes from recent prior (and posterior) rollouts only. Transitions ending an episode by termination are stored with
+# d = 1 (the authors' rollout dropped them; notes §3.2).
+
+FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals")
+
+
+class TaskBuffer:
+    """One task's transitions in growing float32 numpy arrays, FIFO once `capacity` is reached."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int):
+        self.widths = {"obs": obs_dim, "actions": act_dim, "rewards": 1, "next_obs": obs_dim, "terminals": 1}
+        self.capacity = capacity
+        self.clear()
+
+    def clear(self) -> None:
+        self.data = {k: np.zeros((0, w), dtype=np.float32) for k, w in self.widths.items()}
+        self.size, self.pos = 0, 0
+
+    def add_path(self, path: dict) -> None:
+        n = len(path["rewards"])
+        for i in range(n):  # a path is at most 200 rows; the per-row loop keeps FIFO wrap-around simple
+            if self.size < self.capacity and self.size == len(self.data["obs"]):
+                grow = min(max(2 * self.size, 1024), self.capacity) - self.size
+                for k, w in self.widths.items():
+                    self.data[k] = np.concatenate([self.data[k], np.zeros((grow, w), dtype=np.float32)])
+            for k in FIELDS:
+                self.data[k][self.pos] = path[k][i]
+            self.pos = (self.pos + 1) % self.capacity
+            self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, n: int, rng: np.random.Generator) -> dict:
+        """n transitions uniformly with replacement (rlkit's random_batch)."""
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty task buffer")
+        idx = rng.integers(0, self.size, size=n)
+        return {k: self.data[k][idx] for k in FIELDS}
+
+    def state_dict(self) -> dict:
+        return {"data": {k: v[: self.size].copy() for k, v in self.data.items()}, "pos": self.pos, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data, self.size, self.pos = dict(state["data"]), state["size"], state["pos"]
+
+
+class MultiTaskBuffer:
+    """A TaskBuffer per task index."""
+
+    def __init__(self, n_tasks: int, obs_dim: int, act_dim: int, capacity: int):
+        self.tasks = [TaskBuffer(obs_dim, act_dim, capacity) for _ in range(n_tasks)]
+
+    def sample_batch(self, task_indices, n: int, rng: np.random.Generator) -> Batch:
+        """n transitions from each listed task -> a Batch of (tasks, n, dim) tensors."""
+        samples = [self.tasks[i].sample(n, rng) for i in task_indices]
+        return Batch(*(torch.as_tensor(np.stack([s[k] for s in samples])) for k in FIELDS))
+
+    def sample_context(self, task_indices, n: int, rng: np.random.Generator) -> torch.Tensor:
+        """n transitions from each listed task -> a context (tasks, n, obs + act + 1) of (s, a, r)."""
+        batch = self.sample_batch(task_indices, n, rng)
+        return make_context(batch.obs, batch.actions, batch.rewards)
+
+    def state_dict(self) -> list:
+        return [buffer.state_dict() for buffer in self.tasks]
+
+    def load_state_dict(self, state: list) -> None:
+        for buffer, s in zip(self.tasks, state):
+            buffer.load_state_dict(s)
+
+
+# Sampling and evaluation (oyster rlkit/samplers/in_place.py, rl_algorithm.py: collect_data, collect_paths, _do_eval)
+#
+# The latent z is fixed for a whole trajectory, so Hyper-PEARL's policy generates its dynamic weights once per
+# trajectory (`task_weights`), not once per step.
+
+
+@torch.no_grad()
+def rollout(env: gym.Env, policy: nn.Module, z: torch.Tensor, deterministic: bool, seed: int) -> dict:
+    """One episode (at most the env's 200 steps) with a fixed z (1, latent): a path of float32 arrays in FIELDS order,
+    rewards and terminals (T, 1). Stochastic actions tanh(u), u ~ N(mean, std^2), or tanh(mean) when deterministic."""
+    weights = policy.task_weights(z)
+    obs, _ = env.reset(seed=seed)
+    path = {k: [] for k in FIELDS}
+    while True:
+        mean, log_std = policy.dist_params_with_weights(weights, torch.as_tensor(obs, dtype=torch.float32).view(1, 1, -1))
+        action = torch.tanh(mean) if deterministic else tanh_gaussian_sample(mean, log_std)[0]
+        action = action.view(-1).numpy()
+        if not np.isfinite(action).all():
+            raise FloatingPointError("non-finite action from the policy")
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for k, v in zip(FIELDS, (obs, action, [reward], next_obs, [float(terminated)])):
+            path[k].append(np.asarray(v, dtype=np.float32))
+        obs = next_obs
+        if terminated or truncated:
+            return {k: np.stack(v) for k, v in path.items()}
+
+
+def new_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(2**31 - 1))
+
+
+def buffer_context(buffer: TaskBuffer, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """A context of n transitions (s, a, r) sampled from one task's buffer, (1, n, obs + act + 1)."""
+    sample = buffer.sample(n, rng)
+    return make_context(*(torch.as_tensor(sample[k]).unsqueeze(0) for k in ("obs", "actions", "rewards")))
+
+
+def collect(env: TaskEnv, task: Task, agent: PEARLAgent, n_steps: int, rl_buffer: TaskBuffer, encoder_buffer: TaskBuffer,
+            add_to_encoder: bool, use_posterior: bool, context_batch: int, rng: np.random.Generator) -> list:  # fmt: skip
+    """oyster's collect_data: whole trajectories until at least n_steps transitions, starting from z ~ prior. With
+    use_posterior, z is re-inferred after every trajectory from a context batch of the task's encoder buffer (the
+    prior while that buffer is empty); otherwise z is redrawn from the prior. Paths go to the RL buffer, and to the
+    encoder buffer if add_to_encoder. Returns the paths."""
+    env.set_task(task)
+    z, paths, steps = agent.encoder.prior(1).sample(), [], 0
+    while steps < n_steps:
+        path = rollout(env, agent.policy, z, deterministic=False, seed=new_seed(rng))
+        paths.append(path)
+        steps += len(path["rewards"])
+        rl_buffer.add_path(path)
+        if add_to_encoder:
+            encoder_buffer.add_path(path)
+        if use_posterior and encoder_buffer.size > 0:
+            with torch.no_grad():
+                z = sample_z(agent.encoder.posterior(buffer_context(encoder_buffer, context_batch, rng)))
+        else:
+            z = agent.encoder.prior(1).sample()
+    return paths
+
+
+@torch.no_grad()
+def adaptation_returns(env: TaskEnv, task: Task, agent: PEARLAgent, n_steps: int, n_exploration: int,
+                       rng: np.random.Generator) -> list:  # fmt: skip
+    """PEARL's evaluation of one task (oyster collect_paths): deterministic trajectories until at least n_steps
+    transitions, accumulating the context online. The first n_exploration trajectories use z drawn from the prior
+    (a new draw per trajectory); from then on z is drawn from the posterior given all context so far, re-inferred
+    after every trajectory. Returns the undiscounted return of each trajectory; the last is the adapted one."""
+    env.set_task(task)
+    z, context, returns, steps = agent.encoder.prior(1).sample(), [], [], 0
+    while steps < n_steps:
+        path = rollout(env, agent.policy, z, deterministic=True, seed=new_seed(rng))
+        returns.append(float(path["rewards"].sum()))
+        steps += len(path["rewards"])
+        context.append(make_context(*(torch.as_tensor(path[k]) for k in ("obs", "actions", "rewards"))))
+        if len(returns) >= n_exploration:
+            z = sample_z(agent.encoder.posterior(torch.cat(context).unsqueeze(0)))
+        else:
+            z = agent.encoder.prior(1).sample()
+    return returns
+
+
+def evaluate(env: TaskEnv, tasks: list, agent: PEARLAgent, runs: int, n_steps: int, n_exploration: int,
+             rng: np.random.Generator) -> tuple[float, list]:  # fmt: skip
+    """oyster's _do_eval over `tasks`: the mean over tasks of (the mean over `runs` runs of the last trajectory's
+    return), and the online returns (mean over tasks and runs of the k-th trajectory's return, for every k that all
+    runs reach)."""
+    final, online = [], []
+    for task in tasks:
+        per_run = [adaptation_returns(env, task, agent, n_steps, n_exploration, rng) for _ in range(runs)]
+        final.append(np.mean([returns[-1] for returns in per_run]))
+        online.extend(per_run)
+    shortest = min(len(returns) for returns in online)
+    return float(np.mean(final)), [float(np.mean([r[k] for r in online])) for k in range(shortest)]
+
+
+# The run: arguments, checks, saving
+
+# PEARL's data-collection schedule and evaluation per family (oyster configs/*.json and HypeRL PEARL/configs/*.json;
+# notes §3.1): meta_batch, num_steps_prior, num_extra_rl_steps_posterior, num_evals, embedding_batch_size,
+# num_train_steps_per_itr. Ant-Fwd-Back's 2 evals per task are HypeRL's (oyster's ant-dir had 4); Ant-Vel and
+# Half-Cheetah-Vel-Medium (HypeRL's additions) use cheetah-vel's schedule, as their JSONs do.
+FAMILY_SCHEDULES = {
+    "HalfCheetahFwdBack": dict(meta_batch=4, num_steps_prior=1000, num_extra_rl_steps_posterior=1000, num_evals=4,
+                               embedding_batch_size=256, num_train_steps_per_itr=2000),
+    "AntFwdBack": dict(meta_batch=4, num_steps_prior=400, num_extra_rl_steps_posterior=600, num_evals=2,
+                       embedding_batch_size=256, num_train_steps_per_itr=4000),
+    "HalfCheetahVel": dict(meta_batch=16, num_steps_prior=400, num_extra_rl_steps_posterior=600, num_evals=1,
+                           embedding_batch_size=100, num_train_steps_per_itr=2000),
+}  # fmt: skip
+FAMILY_SCHEDULES["AntVel"] = FAMILY_SCHEDULES["HalfCheetahVelMedium"] = FAMILY_SCHEDULES["HalfCheetahVel"]
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 0
+    """seed of the task pools, the networks, task draws, env resets and action noise (the authors' default 0)"""
+    torch_deterministic: bool = True
+    """if toggled, sets `torch.backends.cudnn.deterministic=True` (disable with --no-torch-deterministic)"""
+    num_threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (all cores)"""
+    track: bool = False
+    """track the run with Weights and Biases (mirrors TensorBoard; needs `pip install wandb`)"""
+    wandb_project_name: str = "hyperl"
+    """the W&B project name"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team); None uses your default entity"""
+    eval_freq: int = 1
+    """evaluate on the test tasks and on as many train tasks every this many iterations and at the last (PEARL: every
+    iteration; 0 disables)"""
+    progress_freq: int = 1
+    """print a progress line (iteration, s/it, env steps/s, ETA, returns) every this many iterations"""
+    save_model: bool = False
+    """save the final models to runs/{run_name}/{exp_name}.cleanrl_model"""
+    checkpoint_freq: int = 10
+    """write a resumable checkpoint (models, optimizers, replay buffers, RNGs) to runs/{run_name}/checkpoint.pt every
+    this many iterations and at the end (0 disables)"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
+
+    # --- algorithm (PEARL; oyster's defaults with HypeRL's changes, research notes §3) ---
+    env_id: FamilyName = "HalfCheetahVel"
+    """the task family (PEARL's cheetah-dir, ant-dir, cheetah-vel; HypeRL's ant-vel and cheetah-vel-medium)"""
+    num_iterations: int = 400
+    """training iterations: collection, then gradient steps, then evaluation (HypeRL's 400; oyster 500)"""
+    num_train_tasks: int = 100
+    """train tasks of the velocity families (the direction families always use the two directions)"""
+    num_test_tasks: int = 30
+    """test tasks of the velocity families (Half-Cheetah-Vel-Medium's lie out of distribution, in [2.5, 3.0))"""
+    num_initial_steps: int = 2000
+    """transitions collected with z ~ prior for every train task before the first iteration"""
+    num_tasks_sample: int = 5
+    """train tasks (drawn with replacement) collected for in every iteration"""
+    num_steps_prior: Optional[int] = None
+    """transitions per sampled task with z ~ prior, into both buffers; None: the family's (1000 cheetah fwd-back, else 400)"""
+    num_extra_rl_steps_posterior: Optional[int] = None
+    """transitions per sampled task with z ~ posterior, RL buffer only; None: the family's (1000 cheetah fwd-back, else 600)"""
+    num_train_steps_per_itr: Optional[int] = None
+    """gradient steps per iteration; None: the family's (4000 ant fwd-back, else 2000)"""
+    meta_batch: Optional[int] = None
+    """tasks per gradient step (with replacement); None: the family's (4 for fwd-back, 16 for the velocity families)"""
+    batch_size: int = 256
+    """RL transitions per task per gradient step"""
+    embedding_batch_size: Optional[int] = None
+    """context transitions per task per gradient step and per posterior; None: the family's (256 fwd-back, 100 velocity)"""
+    buffer_size: int = 1_000_000
+    """capacity of each task's RL buffer"""
+    gamma: float = GAMMA
+    """discount factor"""
+    tau: float = TAU
+    """soft update rate of the target V network"""
+    reward_scale: float = REWARD_SCALE
+    """multiplier of the reward in the Q target (PEARL's stand-in for SAC's entropy temperature, 1 / alpha)"""
+    kl_lambda: float = KL_LAMBDA
+    """weight of KL(q(z | c) || N(0, I)) in the encoder's loss"""
+    num_evals: Optional[int] = None
+    """evaluation runs per task; None: the family's (4 cheetah fwd-back, 2 ant fwd-back, 1 velocity)"""
+    num_steps_per_eval: int = 600
+    """transitions per evaluation run (three 200-step trajectories)"""
+    num_exp_traj_eval: int = 2
+    """evaluation trajectories with z ~ prior before z is drawn from the posterior of the accumulated context"""
+
+    # --- model ---
+    model: Literal["mlp", "hyper"] = "hyper"
+    """mlp: PEARL's 3 x 300 MLP policy, Q and V; hyper: Hyper-PEARL's hypernetwork policy (meta z), Q and V (meta state)"""
+    policy_lr: Optional[float] = None
+    """policy learning rate; None: 3e-4 for mlp, 1e-4 for hyper"""
+    qf_lr: Optional[float] = None
+    """Q1 and Q2 learning rate; None: 3e-4 for mlp, 5e-5 for hyper"""
+    vf_lr: Optional[float] = None
+    """V learning rate; None: 3e-4 for mlp, 5e-5 for hyper"""
+    context_lr: float = PEARL_LR
+    """context encoder learning rate (3e-4 for both models)"""
+    latent_dim: int = LATENT_DIM
+    """size of the task latent z"""
+    net_size: int = NET_SIZE
+    """hidden width of the MLP policy, Q and V (3 layers)"""
+    encoder_hidden: int = ENCODER_HIDDEN
+    """hidden width of the context encoder (3 layers)"""
+    hyper_embedding_dim: int = HYPER_EMBEDDING_DIM
+    """width of the primary network's output embedding; its stages are dim/4, dim/2, dim (paper: 256, 512, 1024)"""
+    hyper_blocks: int = HYPER_BLOCKS
+    """residual blocks per stage of the primary network (paper: 2)"""
+    hyper_dynamic_hidden: int = DYNAMIC_HIDDEN
+    """hidden units of the single hidden layer of the dynamic networks (paper: 256)"""
+    hyper_init_samples: int = 1000
+    """states (from random actions) and prior latents on which the hypernetworks' init measures the embedding scale"""
+
+
+def schedule(args: Args, name: str) -> int:
+    """An Args value that defaults (None) to the family's schedule."""
+    value = getattr(args, name)
+    return FAMILY_SCHEDULES[args.env_id][name] if value is None else value
+
+
+def learning_rates(args: Args) -> dict:
+    """The optimizers' learning rates: PEARL's 3e-4, or Hyper-PEARL's 5e-5 for Q and V and 1e-4 for the policy."""
+    hyper = args.model == "hyper"
+    return {"policy": args.policy_lr if args.policy_lr is not None else (HYPER_POLICY_LR if hyper else PEARL_LR),
+            "qf1": args.qf_lr if args.qf_lr is not None else (HYPER_CRITIC_LR if hyper else PEARL_LR),
+            "qf2": args.qf_lr if args.qf_lr is not None else (HYPER_CRITIC_LR if hyper else PEARL_LR),
+            "vf": args.vf_lr if args.vf_lr is not None else (HYPER_CRITIC_LR if hyper else PEARL_LR),
+            "context": args.context_lr}  # fmt: skip
+
+
+def check_args(args: Args) -> None:
+    positive = ["num_iterations", "num_tasks_sample", "batch_size", "buffer_size", "num_steps_per_eval",
+                "progress_freq", "latent_dim", "net_size", "encoder_hidden", "hyper_embedding_dim",
+                "hyper_dynamic_hidden", "hyper_init_samples", "meta_batch", "embedding_batch_size",
+                "num_train_steps_per_itr", "num_evals", "num_train_tasks", "num_test_tasks"]  # fmt: skip
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ["eval_freq", "checkpoint_freq", "num_threads", "hyper_blocks", "num_initial_steps",
+                 "num_steps_prior", "num_extra_rl_steps_posterior", "num_exp_traj_eval"]:  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.hyper_embedding_dim % 4:
+        fail(f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}")
+    if args.num_initial_steps + schedule(args, "num_steps_prior") + schedule(args, "num_extra_rl_steps_posterior") == 0:
+        fail("--num-initial-steps, --num-steps-prior and --num-extra-rl-steps-posterior are all 0: no data to train on")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
+        fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
+    for name in ["policy_lr", "qf_lr", "vf_lr", "context_lr", "reward_scale"]:
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and np.isfinite(value)):
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.kl_lambda >= 0:
+        fail(f"--kl-lambda must be >= 0, got {args.kl_lambda}")
+
+
+def collect_meta_states(family: str, task: Task, n: int, seed: int) -> torch.Tensor:
+    """n states visited by uniformly random actions in the family's env (its own seed): the meta-variable sample on
+    which Q's and V's hypernetwork init measures the embedding scale (states do not depend on the task)."""
+    env, rng, states = make_task_env(family, task), np.random.default_rng(seed), []
+    obs, _ = env.reset(seed=seed)
+    while len(states) < n:
+        states.append(obs)
+        obs, _, terminated, truncated, _ = env.step(rng.uniform(-1.0, 1.0, size=env.action_space.shape))
+        if terminated or truncated:
+            obs, _ = env.reset(seed=new_seed(rng))
+    env.close()
+    return torch.as_tensor(np.stack(states), dtype=torch.float32)
+
+
+def make_agent(args: Args, obs_dim: int, act_dim: int, meta_states: Optional[torch.Tensor]) -> PEARLAgent:
+    """The encoder and the mlp or hyper policy, Q1, Q2, V and target V (PEARL's or the paper's initialization)."""
+    encoder = ContextEncoder(obs_dim, act_dim, args.latent_dim, args.encoder_hidden)
+    if args.model == "mlp":
+        nets = [MLPPolicy(obs_dim, act_dim, args.latent_dim, args.net_size), MLPQ(obs_dim, act_dim, args.latent_dim, args.net_size),
+                MLPQ(obs_dim, act_dim, args.latent_dim, args.net_size), MLPV(obs_dim, args.latent_dim, args.net_size),
+                MLPV(obs_dim, args.latent_dim, args.net_size)]  # fmt: skip
+        return PEARLAgent(encoder, *nets)
+    sizes = dict(embedding_dim=args.hyper_embedding_dim, blocks=args.hyper_blocks, dynamic_hidden=args.hyper_dynamic_hidden)
+    policy = HyperPolicy(obs_dim, act_dim, args.latent_dim, **sizes)
+    init_hypernetwork(policy, torch.randn(args.hyper_init_samples, args.latent_dim))  # z as first drawn: from the prior
+    critics = [HyperQ(obs_dim, act_dim, args.latent_dim, **sizes), HyperQ(obs_dim, act_dim, args.latent_dim, **sizes),
+               HyperV(obs_dim, args.latent_dim, **sizes), HyperV(obs_dim, args.latent_dim, **sizes)]  # fmt: skip
+    for critic in critics[:3]:
+        init_hypernetwork(critic, meta_states)
+    return PEARLAgent(encoder, policy, *critics)
+
+
+# Settings that change what a run computes; a resumed run must use the checkpoint's values.
+RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "num_train_tasks", "num_test_tasks", "num_initial_steps",
+                     "num_tasks_sample", "num_steps_prior", "num_extra_rl_steps_posterior", "num_train_steps_per_itr",
+                     "meta_batch", "batch_size", "embedding_batch_size", "buffer_size", "gamma", "tau", "reward_scale",
+                     "kl_lambda", "model", "policy_lr", "qf_lr", "vf_lr", "context_lr", "latent_dim", "net_size",
+                     "encoder_hidden", "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init_samples")  # fmt: skip
+# independent numpy streams: np.random.default_rng([seed, stream]) (the task pools use default_rng(seed) itself)
+TASK_STREAM, SAMPLER_STREAM, REPLAY_STREAM, EVAL_STREAM, INIT_STREAM = 1, 2, 3, 4, 5
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temporary file, flush it to disk, then rename over `path`: a crash mid-write leaves the
+    previous file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 if __name__ == "__main__":
-    print("hyper_pearl.py: training is not in this file yet (task families, context encoder and networks only)", file=sys.stderr)
-    sys.exit(2)
+    args = tyro.cli(Args)
+    check_args(args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    meta_batch, train_steps = schedule(args, "meta_batch"), schedule(args, "num_train_steps_per_itr")
+    steps_prior, steps_extra = schedule(args, "num_steps_prior"), schedule(args, "num_extra_rl_steps_posterior")
+    embedding_batch, num_evals = schedule(args, "embedding_batch_size"), schedule(args, "num_evals")
+    lrs = learning_rates(args)
+
+    checkpoint = None
+    if args.resume:
+        try:
+            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            fail(f"cannot load checkpoint {args.resume}: {e}")
+        if not isinstance(checkpoint, dict) or "rl_buffer" not in checkpoint or "agent" not in checkpoint:
+            fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
+        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"][k] != getattr(args, k)]
+        if differing:
+            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]} (given {getattr(args, k)})" for k in differing)
+            fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
+        if checkpoint["iteration"] >= args.num_iterations:
+            fail(f"the checkpoint is at iteration {checkpoint['iteration']}; pass --num-iterations above it to continue")
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    train_tasks, test_tasks = make_task_pool(args.env_id, args.seed, args.num_train_tasks, args.num_test_tasks)
+    env = make_task_env(args.env_id, train_tasks[0])
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+
+    # ALGO LOGIC: initialize agent here
+    meta_states = None
+    if args.model == "hyper":
+        meta_states = collect_meta_states(args.env_id, train_tasks[0], args.hyper_init_samples, new_seed(np.random.default_rng([args.seed, INIT_STREAM])))
+    agent = make_agent(args, obs_dim, act_dim, meta_states)
+    parameters = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
+    optimizers = {name: torch.optim.Adam(module.parameters(), lr=lrs[name]) for name, module in parameters.items()}
+    rl_buffer = MultiTaskBuffer(len(train_tasks), obs_dim, act_dim, args.buffer_size)
+    encoder_buffer = MultiTaskBuffer(len(train_tasks), obs_dim, act_dim, args.buffer_size)
+    task_rng = np.random.default_rng([args.seed, TASK_STREAM])  # which tasks to collect for and to train on
+    sampler_rng = np.random.default_rng([args.seed, SAMPLER_STREAM])  # env reset seeds and the samplers' context draws
+    replay_rng = np.random.default_rng([args.seed, REPLAY_STREAM])  # replay and context batches of the gradient steps
+    eval_rng = np.random.default_rng([args.seed, EVAL_STREAM])
+    start_iteration, global_step, last_eval = 0, 0, (float("nan"), float("nan"))
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(checkpoint["optimizers"][name])
+        rl_buffer.load_state_dict(checkpoint["rl_buffer"])
+        encoder_buffer.load_state_dict(checkpoint["encoder_buffer"])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        for rng, key in [(task_rng, "task"), (sampler_rng, "sampler"), (replay_rng, "replay"), (eval_rng, "eval")]:
+            rng.bit_generator.state = checkpoint["rng"][key]
+        start_iteration, global_step, last_eval = checkpoint["iteration"], checkpoint["global_step"], tuple(checkpoint["last_eval"])
+        print(f"resumed {run_name} at iteration {start_iteration} from {args.resume}")
+
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint is not None else os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights and Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint is not None else None)
+    effective = {"meta_batch": meta_batch, "num_train_steps_per_itr": train_steps, "num_steps_prior": steps_prior,
+                 "num_extra_rl_steps_posterior": steps_extra, "embedding_batch_size": embedding_batch, "num_evals": num_evals,
+                 **{f"{name}_lr": lr for name, lr in lrs.items()}}  # fmt: skip
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), **{f"{k} (effective)": v for k, v in effective.items()}}.items()))
+    n_params = {name: sum(p.numel() for p in module.parameters()) for name, module in parameters.items()}
+    print(f"{run_name}: {args.model} models (policy {n_params['policy']:,}, Q {n_params['qf1']:,} x 2, V {n_params['vf']:,} "
+          f"parameters), {len(train_tasks)} train / {len(test_tasks)} test tasks, meta-batch {meta_batch}, {train_steps} gradient steps per iteration")  # fmt: skip
+
+    def save_checkpoint(iteration: int) -> None:
+        atomic_save(
+            {
+                "args": vars(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
+                "last_eval": last_eval, "agent": agent.state_dict(),
+                "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+                "rl_buffer": rl_buffer.state_dict(), "encoder_buffer": encoder_buffer.state_dict(),
+                "train_tasks": [task.goal for task in train_tasks], "test_tasks": [task.goal for task in test_tasks],
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "task": task_rng.bit_generator.state, "sampler": sampler_rng.bit_generator.state,
+                        "replay": replay_rng.bit_generator.state, "eval": eval_rng.bit_generator.state},
+            },
+            checkpoint_path,
+        )  # fmt: skip
+
+    def stop(message: str, iteration: int) -> None:
+        """Stop on a non-finite loss before its optimizer step; the last checkpoint stays as it was."""
+        saved = f"the last checkpoint ({checkpoint_path}) is intact" if os.path.exists(checkpoint_path) else "no checkpoint was written"
+        writer.close()
+        fail(f"{message} in iteration {iteration}; stopping, {saved}")
+
+    start_time, interval_start, interval_iteration, interval_steps = time.time(), time.time(), start_iteration, 0
+    for iteration in range(start_iteration + 1, args.num_iterations + 1):
+        iteration_start, paths = time.time(), []
+        # ALGO LOGIC: data collection (oyster rl_algorithm.train)
+        try:
+            if iteration == 1:  # the initial pool: every train task, z ~ prior
+                for index, task in enumerate(train_tasks):
+                    paths += collect(env, task, agent, args.num_initial_steps, rl_buffer.tasks[index], encoder_buffer.tasks[index],
+                                     add_to_encoder=True, use_posterior=False, context_batch=embedding_batch, rng=sampler_rng)  # fmt: skip
+            for index in task_rng.integers(0, len(train_tasks), size=args.num_tasks_sample):
+                encoder_buffer.tasks[index].clear()
+                for n_steps, posterior in [(steps_prior, False), (steps_extra, True)]:
+                    if n_steps:
+                        paths += collect(env, train_tasks[index], agent, n_steps, rl_buffer.tasks[index], encoder_buffer.tasks[index],
+                                         add_to_encoder=not posterior, use_posterior=posterior, context_batch=embedding_batch, rng=sampler_rng)  # fmt: skip
+        except FloatingPointError as e:
+            stop(str(e), iteration)
+        steps = sum(len(path["rewards"]) for path in paths)
+        global_step += steps
+        collection_seconds = time.time() - iteration_start
+
+        # ALGO LOGIC: gradient steps on meta-batches of train tasks that have data
+        update_start, totals = time.time(), {}
+        trainable = np.array([i for i, buffer in enumerate(rl_buffer.tasks) if buffer.size > 0 and encoder_buffer.tasks[i].size > 0])
+        if len(trainable) == 0:
+            stop("no train task has both RL and encoder data (is --num-steps-prior 0 with --num-initial-steps 0?)", iteration)
+        for _ in range(train_steps):
+            indices = trainable[task_rng.integers(0, len(trainable), size=meta_batch)]
+            context = encoder_buffer.sample_context(indices, embedding_batch, replay_rng)
+            batch = rl_buffer.sample_batch(indices, args.batch_size, replay_rng)
+            try:
+                step_stats = train_step(agent, optimizers, batch, context, args.reward_scale, args.gamma, args.tau, args.kl_lambda)
+            except FloatingPointError as e:
+                stop(str(e), iteration)
+            for key, value in step_stats.items():
+                totals[key] = totals.get(key, 0.0) + value / train_steps
+        update_seconds = time.time() - update_start
+
+        eval_start = time.time()
+        if args.eval_freq and (iteration % args.eval_freq == 0 or iteration == args.num_iterations):
+            try:
+                test_return, online = evaluate(env, test_tasks, agent, num_evals, args.num_steps_per_eval, args.num_exp_traj_eval, eval_rng)
+                eval_train_tasks = [train_tasks[i] for i in eval_rng.integers(0, len(train_tasks), size=len(test_tasks))]
+                train_return, _ = evaluate(env, eval_train_tasks, agent, num_evals, args.num_steps_per_eval, args.num_exp_traj_eval, eval_rng)
+            except FloatingPointError as e:
+                stop(f"{e} in the evaluation", iteration)
+            last_eval = (test_return, train_return)
+            writer.add_scalar("eval/average_return_all_test_tasks", test_return, global_step)
+            writer.add_scalar("eval/average_return_all_train_tasks", train_return, global_step)
+            for k, value in enumerate(online):
+                writer.add_scalar(f"eval/test_return_trajectory_{k + 1}", value, global_step)
+
+        eval_seconds = time.time() - eval_start
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        iteration_seconds = time.time() - iteration_start
+        train_return = float(np.mean([path["rewards"].sum() for path in paths]))
+        writer.add_scalar("charts/episodic_return", train_return, global_step)
+        writer.add_scalar("charts/episodic_length", float(np.mean([len(path["rewards"]) for path in paths])), global_step)
+        writer.add_scalar("charts/iteration", iteration, global_step)
+        for key, value in totals.items():
+            writer.add_scalar(f"losses/{key}", value, global_step)
+        writer.add_scalar("charts/SPS", int(steps / iteration_seconds), global_step)
+        writer.add_scalar("charts/iteration_seconds", iteration_seconds, global_step)
+        writer.add_scalar("charts/collection_seconds", collection_seconds, global_step)
+        writer.add_scalar("charts/update_seconds", update_seconds, global_step)
+        writer.add_scalar("charts/eval_seconds", eval_seconds, global_step)
+        interval_steps += steps
+        if iteration % args.progress_freq == 0 or iteration == args.num_iterations:
+            now = time.time()
+            seconds_per_iteration = (now - interval_start) / (iteration - interval_iteration)
+            sps = interval_steps / max(now - interval_start, 1e-9)
+            eta = format_duration((args.num_iterations - iteration) * (now - start_time) / (iteration - start_iteration))
+            fields = [f"iteration {iteration}/{args.num_iterations}", f"{seconds_per_iteration:.1f} s/it", f"last: collect {collection_seconds:.1f} s, "
+                      f"update {update_seconds:.1f} s, eval {eval_seconds:.1f} s", f"{sps:.0f} env steps/s",
+                      f"ETA {eta}", f"train return {train_return:.1f}"]  # fmt: skip
+            if np.isfinite(last_eval[0]):
+                fields.append(f"eval test {last_eval[0]:.1f} train {last_eval[1]:.1f}")
+            print(" | ".join(fields), flush=True)
+            interval_start, interval_iteration, interval_steps = now, iteration, 0
+        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
+            save_checkpoint(iteration)
+
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        atomic_save({"args": vars(args), "iteration": args.num_iterations, "agent": agent.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+    env.close()
+    writer.close()

@@ -1,4 +1,6 @@
+import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -215,13 +217,6 @@ def test_posterior_is_per_task_and_independent_of_other_tasks():
     torch.testing.assert_close(posterior.scale[1:2], single.scale)
 
 
-def test_main_says_training_is_not_here_yet():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "hyper_pearl.py")], capture_output=True, text=True,
-                            cwd=ROOT, timeout=60)  # fmt: skip
-    assert result.returncode == 2
-    assert "hyper_pearl.py: training is not in this file yet (task families, context encoder and networks only)" in result.stderr
-
-
 # Networks: PEARL's MLPs and Hyper-PEARL's hypernetworks
 
 from hyper_pearl import (HyperPolicy, HyperQ, HyperV, MLPPolicy, MLPQ, MLPV, init_hypernetwork,  # noqa: E402
@@ -339,3 +334,397 @@ def test_hyper_parameter_counts_match_the_authors():
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     assert round(count(HyperPolicy(20, 6)), 1) == 15.1 and round(count(HyperPolicy(27, 8)), 1) == 18.0
     assert round(count(HyperQ(20, 6)), 1) == 9.9
+
+
+# SAC with a task latent
+
+import gymnasium as gym  # noqa: E402
+
+from hyper_pearl import (FAMILY_SCHEDULES, Batch, ContextEncoder, MultiTaskBuffer, PEARLAgent, TaskBuffer,  # noqa: E402
+                         adaptation_returns, collect, critic_loss, evaluate, q_target, rollout, train_step,
+                         value_and_policy_losses)
+
+
+def small_agent(model="mlp", seed=0, obs=OBS, act=ACT):
+    torch.manual_seed(seed)
+    encoder = ContextEncoder(obs, act, LAT, hidden=16)
+    if model == "mlp":
+        nets = [MLPPolicy(obs, act, LAT, 32), MLPQ(obs, act, LAT, 32), MLPQ(obs, act, LAT, 32), MLPV(obs, LAT, 32), MLPV(obs, LAT, 32)]
+    else:
+        nets = [HyperPolicy(obs, act, LAT, **SMALL), HyperQ(obs, act, LAT, **SMALL), HyperQ(obs, act, LAT, **SMALL),
+                HyperV(obs, LAT, **SMALL), HyperV(obs, LAT, **SMALL)]  # fmt: skip
+        init_hypernetwork(nets[0], torch.randn(256, LAT))
+        for net in nets[1:4]:
+            init_hypernetwork(net, torch.randn(256, obs))
+    agent = PEARLAgent(encoder, *nets)
+    with torch.no_grad():  # a target V that differs from V, so that a test can tell them apart
+        for p in agent.target_vf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return agent
+
+
+def random_batch(tasks=3, n=8, seed=1, obs=OBS, act=ACT):
+    g = torch.Generator().manual_seed(seed)
+    terminals = (torch.rand(tasks, n, 1, generator=g) < 0.3).float()
+    return Batch(torch.randn(tasks, n, obs, generator=g), torch.rand(tasks, n, act, generator=g) * 2 - 1,
+                 torch.randn(tasks, n, 1, generator=g), torch.randn(tasks, n, obs, generator=g), terminals)  # fmt: skip
+
+
+def random_context(tasks=3, n=5, seed=2):
+    return torch.randn(tasks, n, context_dim(OBS, ACT), generator=torch.Generator().manual_seed(seed))
+
+
+def optimizers_for(agent, lr=1e-3):
+    modules = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
+    return {name: torch.optim.Adam(m.parameters(), lr=lr) for name, m in modules.items()}
+
+
+def test_q_target_by_hand():
+    rewards, terminals, next_v = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 0.0]), torch.tensor([10.0, 10.0, -4.0])
+    expected = torch.tensor([5 * 1.0 + 0.99 * 10.0, 5 * -2.0, 5 * 0.5 + 0.99 * -4.0])
+    torch.testing.assert_close(q_target(rewards, terminals, next_v, 5.0, 0.99), expected)
+
+
+@pytest.mark.parametrize("model", ["mlp", "hyper"])
+def test_critic_loss_uses_the_target_v_at_the_next_state_and_the_kl_summed_over_tasks(model):
+    agent, batch, context = small_agent(model), random_batch(), random_context()
+    torch.manual_seed(3)
+    loss, z, stats = critic_loss(agent, batch, context, 5.0, 0.99, 0.1)
+    z_rows = z.detach().unsqueeze(1).expand(3, 8, LAT)
+    with torch.no_grad():
+        next_v = agent.target_vf(batch.next_obs, z_rows)
+        target = 5.0 * batch.rewards + 0.99 * (1 - batch.terminals) * next_v
+        q1, q2 = agent.qf1(batch.obs, batch.actions, z_rows), agent.qf2(batch.obs, batch.actions, z_rows)
+        posterior = agent.encoder.posterior(context)
+        kl = sum(kl_divergence(Normal(posterior.loc[t], posterior.scale[t]), Normal(0.0, 1.0)).sum() for t in range(3))
+        expected = ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean() + 0.1 * kl
+    torch.testing.assert_close(stats["q_target"], target)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert not torch.allclose(next_v, agent.vf(batch.next_obs, z_rows))  # the target V, not V
+
+
+@pytest.mark.parametrize("model", ["mlp", "hyper"])
+def test_encoder_gets_gradients_from_the_q_loss_and_kl_only(model):
+    agent, batch, context = small_agent(model), random_batch(), random_context()
+    loss, z, _ = critic_loss(agent, batch, context, 5.0, 0.99, 0.1)
+    vf_loss, policy_loss, _ = value_and_policy_losses(agent, batch, z)
+    (vf_loss + policy_loss).backward(retain_graph=True)
+    assert all(p.grad is None for p in agent.encoder.parameters())  # V and the policy see z.detach()
+    assert all(p.grad is None for m in (agent.qf1, agent.qf2) for p in m.parameters())  # Q frozen in those losses
+    assert all(p.grad is not None for m in (agent.vf, agent.policy) for p in m.parameters())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.encoder.parameters())
+    # the KL alone also reaches the encoder: with a zero Q loss weight the encoder still moves
+    agent.encoder.zero_grad()
+    kl_only = kl_to_prior(agent.encoder.posterior(context)).sum()
+    kl_only.backward()
+    assert agent.encoder.head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model", ["mlp", "hyper"])
+def test_v_target_and_policy_loss_by_hand(model):
+    agent, batch = small_agent(model), random_batch()
+    z = torch.randn(3, LAT)
+    torch.manual_seed(5)
+    vf_loss, policy_loss, _ = value_and_policy_losses(agent, batch, z)
+    torch.manual_seed(5)
+    z_rows = z.unsqueeze(1).expand(3, 8, LAT)
+    with torch.no_grad():
+        if model == "mlp":
+            mean, log_std = agent.policy.dist_params(batch.obs, z_rows)
+        else:
+            mean, log_std = agent.policy.dist_params(batch.obs.reshape(24, -1), z_rows.reshape(24, -1))
+            mean, log_std = mean.view(3, 8, -1), log_std.view(3, 8, -1)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        action = torch.tanh(u)
+        log_pi = (Normal(mean.double(), log_std.exp().double()).log_prob(u.double())
+                  - torch.log(1 - torch.tanh(u.double()) ** 2)).sum(-1, keepdim=True).float()  # fmt: skip
+        min_q = torch.min(agent.qf1(batch.obs, action, z_rows), agent.qf2(batch.obs, action, z_rows))
+        v_target = min_q - log_pi
+        expected_vf = ((agent.vf(batch.obs, z_rows) - v_target) ** 2).mean()
+        expected_policy = (log_pi - min_q).mean() + 1e-3 * (mean**2).mean() + 1e-3 * (log_std**2).mean()
+    torch.testing.assert_close(vf_loss.detach(), expected_vf, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(policy_loss.detach(), expected_policy, rtol=1e-4, atol=1e-5)
+
+
+def test_hyper_policy_generates_weights_once_per_task_in_the_update():
+    agent, batch = small_agent("hyper"), random_batch(tasks=4, n=16)
+    rows = []
+    handle = agent.policy.primary.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    value_and_policy_losses(agent, batch, torch.randn(4, LAT))
+    handle.remove()
+    assert rows == [4]  # one primary-network row per task, not 4 x 16
+
+
+def test_train_step_updates_every_model_and_soft_updates_the_target_v():
+    agent, batch, context = small_agent("mlp"), random_batch(), random_context()
+    before = {name: [p.detach().clone() for p in getattr(agent, name).parameters()] for name in ("encoder", "policy", "qf1", "qf2", "vf", "target_vf")}
+    stats = train_step(agent, optimizers_for(agent), batch, context, tau=0.005)
+    for name in ("encoder", "policy", "qf1", "qf2", "vf"):
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], getattr(agent, name).parameters())), name
+    for old_target, new_v, new_target in zip(before["target_vf"], agent.vf.parameters(), agent.target_vf.parameters()):
+        torch.testing.assert_close(new_target, 0.995 * old_target + 0.005 * new_v)
+    assert stats["qf_loss"] == pytest.approx(stats["qf1_loss"] + stats["qf2_loss"])
+    assert {"qf1_values", "qf2_values", "vf_loss", "actor_loss", "kl_div", "z_mean", "z_var"} <= set(stats)
+
+
+def test_train_step_stops_before_the_optimizer_step_on_a_non_finite_loss():
+    agent, batch, context = small_agent("mlp"), random_batch(), random_context()
+    with torch.no_grad():
+        agent.qf1.last.bias.fill_(float("nan"))
+    before = [p.detach().clone() for p in agent.encoder.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite Q loss"):
+        train_step(agent, optimizers_for(agent), batch, context)
+    assert all(torch.equal(a, b) for a, b in zip(before, agent.encoder.parameters()))
+
+
+# Replay and sampling
+
+
+def path_of(n, value, terminal_last=False, obs=OBS, act=ACT):
+    terminals = np.zeros((n, 1), np.float32)
+    terminals[-1] = float(terminal_last)
+    return {"obs": np.full((n, obs), value, np.float32), "actions": np.full((n, act), value, np.float32),
+            "rewards": np.full((n, 1), value, np.float32), "next_obs": np.full((n, obs), value, np.float32),
+            "terminals": terminals}  # fmt: skip
+
+
+def test_per_task_buffers_keep_tasks_apart():
+    buffers = MultiTaskBuffer(3, OBS, ACT, capacity=1000)
+    for task in range(3):
+        buffers.tasks[task].add_path(path_of(50, float(task)))
+    rng = np.random.default_rng(0)
+    batch = buffers.sample_batch([2, 0, 2, 1], 64, rng)
+    assert batch.obs.shape == (4, 64, OBS) and batch.rewards.shape == (4, 64, 1)
+    for row, task in enumerate([2, 0, 2, 1]):
+        assert torch.all(batch.obs[row] == task) and torch.all(batch.rewards[row] == task)
+    context = buffers.sample_context([1], 10, rng)
+    assert context.shape == (1, 10, context_dim(OBS, ACT)) and torch.all(context == 1.0)
+
+
+def test_task_buffer_is_fifo_at_capacity_clears_and_round_trips():
+    buffer = TaskBuffer(OBS, ACT, capacity=100)
+    buffer.add_path(path_of(80, 1.0))
+    buffer.add_path(path_of(50, 2.0))
+    assert buffer.size == 100 and (buffer.data["rewards"][:100] == 2.0).sum() == 50  # the 30 oldest were overwritten
+    copy = TaskBuffer(OBS, ACT, capacity=100)
+    copy.load_state_dict(buffer.state_dict())
+    copy.add_path(path_of(10, 3.0))
+    buffer.add_path(path_of(10, 3.0))
+    assert all(np.array_equal(copy.data[k][:100], buffer.data[k][:100]) for k in buffer.data)
+    buffer.clear()
+    assert buffer.size == 0
+    with pytest.raises(ValueError):
+        buffer.sample(1, np.random.default_rng(0))
+
+
+class TerminatesAt(gym.Env):
+    """A 2-D env that terminates at step `n`; reward = step index."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS,))
+    action_space = gym.spaces.Box(-1.0, 1.0, (ACT,))
+
+    def __init__(self, n):
+        self.n = n
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(OBS), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(OBS, self.t, np.float64), float(self.t), self.t == self.n, False, {}
+
+
+def test_terminal_transitions_are_stored_and_time_limits_are_not_terminal():
+    agent = small_agent("mlp")
+    path = rollout(TerminatesAt(5), agent.policy, torch.zeros(1, LAT), deterministic=False, seed=0)
+    assert len(path["rewards"]) == 5 and path["terminals"][:, 0].tolist() == [0, 0, 0, 0, 1]
+    assert path["rewards"][-1, 0] == 5 and np.all(path["next_obs"][-1] == 5)
+    buffer = TaskBuffer(OBS, ACT, 100)
+    buffer.add_path(path)
+    assert buffer.size == 5 and buffer.data["terminals"][4, 0] == 1.0
+    env = make_task_env("HalfCheetahVel", Task(1.0))
+    cheetah = ContextEncoder(17, 6, LAT, 16)
+    path = rollout(env, MLPPolicy(17, 6, LAT, 16), cheetah.prior(1).sample(), deterministic=True, seed=0)
+    assert len(path["rewards"]) == 200 and not path["terminals"].any()  # truncated by the 200-step limit only
+
+
+def test_rollout_generates_hyper_policy_weights_once_per_trajectory():
+    agent = small_agent("hyper")
+    rows = []
+    handle = agent.policy.primary.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    rollout(TerminatesAt(30), agent.policy, torch.zeros(1, LAT), deterministic=True, seed=0)
+    handle.remove()
+    assert rows == [1]
+
+
+def test_collect_fills_the_buffers_as_pearl_does():
+    agent = small_agent("mlp", obs=17, act=6)
+    agent.encoder = ContextEncoder(17, 6, LAT, 16)
+    env, rng = make_task_env("HalfCheetahVel", Task(1.0)), np.random.default_rng(0)
+    rl, enc = TaskBuffer(17, 6, 10_000), TaskBuffer(17, 6, 10_000)
+    agent.policy, agent.qf1 = MLPPolicy(17, 6, LAT, 16), None
+    paths = collect(env, Task(2.0), agent, 400, rl, enc, add_to_encoder=True, use_posterior=False, context_batch=8, rng=rng)
+    assert len(paths) == 2 and rl.size == enc.size == 400 and env.task == Task(2.0)
+    posteriors = []
+    original = agent.encoder.posterior
+    agent.encoder.posterior = lambda c: posteriors.append(tuple(c.shape)) or original(c)
+    collect(env, Task(2.0), agent, 600, rl, enc, add_to_encoder=False, use_posterior=True, context_batch=8, rng=rng)
+    assert rl.size == 1000 and enc.size == 400  # posterior rollouts feed the RL buffer only
+    assert posteriors == [(1, 8, context_dim(17, 6))] * 3  # z re-inferred after every trajectory from a context batch
+
+
+def test_evaluation_explores_with_the_prior_then_adapts_on_the_accumulated_context():
+    agent = small_agent("mlp", obs=17, act=6)
+    agent.encoder, agent.policy = ContextEncoder(17, 6, LAT, 16), MLPPolicy(17, 6, LAT, 16)
+    posteriors = []
+    original = agent.encoder.posterior
+    agent.encoder.posterior = lambda c: posteriors.append(tuple(c.shape)) or original(c)
+    env = make_task_env("HalfCheetahVel", Task(1.0))
+    returns = adaptation_returns(env, Task(0.5), agent, 600, 2, np.random.default_rng(0))
+    assert len(returns) == 3 and env.task == Task(0.5)
+    assert posteriors == [(1, 400, context_dim(17, 6)), (1, 600, context_dim(17, 6))]  # after trajectories 2 and 3
+
+
+def test_evaluate_averages_the_last_trajectory_over_runs_then_tasks(monkeypatch):
+    import hyper_pearl
+
+    scripted = {0.0: iter([[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]]), 1.0: iter([[0.0, 0.0, 10.0], [0.0, 4.0, 6.0, 8.0]])}
+    monkeypatch.setattr(hyper_pearl, "adaptation_returns", lambda env, task, *a: next(scripted[task.goal]))
+    final, online = evaluate(None, [Task(0.0), Task(1.0)], None, 2, 600, 2, None)
+    assert final == pytest.approx(((3 + 5) / 2 + (10 + 8) / 2) / 2)
+    assert online == pytest.approx([0.5, 2.0, 6.0])
+
+
+def test_family_schedules_are_pearls():
+    """Notes §3.1 table (oyster JSONs) with HypeRL's ant-dir num_evals 2; the HypeRL vel JSONs for the rest."""
+    assert FAMILY_SCHEDULES["HalfCheetahFwdBack"] == dict(meta_batch=4, num_steps_prior=1000, num_extra_rl_steps_posterior=1000,
+                                                          num_evals=4, embedding_batch_size=256, num_train_steps_per_itr=2000)  # fmt: skip
+    assert FAMILY_SCHEDULES["AntFwdBack"]["num_train_steps_per_itr"] == 4000 and FAMILY_SCHEDULES["AntFwdBack"]["num_steps_prior"] == 400
+    for family in ("HalfCheetahVel", "AntVel", "HalfCheetahVelMedium"):
+        assert FAMILY_SCHEDULES[family] == dict(meta_batch=16, num_steps_prior=400, num_extra_rl_steps_posterior=600, num_evals=1,
+                                                embedding_batch_size=100, num_train_steps_per_itr=2000)  # fmt: skip
+
+
+# End to end through the CLI
+
+SCRIPT = os.path.join(ROOT, "hyper_pearl.py")
+SMALL_RUN = ["--env-id", "HalfCheetahVel", "--num-iterations", "2", "--num-train-tasks", "3", "--num-test-tasks", "2",
+             "--num-initial-steps", "200", "--num-steps-prior", "200", "--num-extra-rl-steps-posterior", "200",
+             "--num-tasks-sample", "1", "--num-train-steps-per-itr", "3", "--meta-batch", "2", "--batch-size", "16",
+             "--embedding-batch-size", "8", "--num-steps-per-eval", "400", "--net-size", "16", "--encoder-hidden", "16",
+             "--hyper-embedding-dim", "16", "--hyper-blocks", "1", "--hyper-dynamic-hidden", "8",
+             "--hyper-init-samples", "64", "--checkpoint-freq", "2", "--save-model"]  # fmt: skip
+TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_loss", "losses/qf2_loss",
+        "losses/qf_loss", "losses/qf1_values", "losses/qf2_values", "losses/vf_loss", "losses/actor_loss", "losses/kl_div",
+        "eval/average_return_all_test_tasks", "eval/average_return_all_train_tasks", "eval/test_return_trajectory_1",
+        "eval/test_return_trajectory_2"]  # fmt: skip
+
+
+def run(args, cwd, check=True):
+    proc = subprocess.run([sys.executable, SCRIPT, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def only_run_dir(cwd):
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """One SMALL_RUN per model, made on first use: (stdout, run dir)."""
+    done = {}
+
+    def get(model):
+        if model not in done:
+            cwd = tmp_path_factory.mktemp(model)
+            done[model] = (run([*SMALL_RUN, "--model", model], cwd).stdout, only_run_dir(cwd))
+        return done[model]
+
+    return get
+
+
+@pytest.mark.parametrize("model", ["mlp", "hyper"])
+def test_cli_run_trains_evaluates_logs_and_saves(model, small_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stdout, run_dir = small_runs(model)
+    assert os.path.basename(run_dir).startswith(f"HalfCheetahVel__hyper_pearl__{model}__0__")
+    assert "iteration 2/2" in stdout and "s/it" in stdout and "env steps/s" in stdout and "ETA" in stdout and "eval test" in stdout
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    # global step = training env steps: 3 tasks x 200 initial + 200 prior + 200 posterior, then 400 more
+    for tag in TAGS:
+        assert [e.step for e in events.Scalars(tag)] == [1000, 1400], tag
+        assert all(np.isfinite(e.value) for e in events.Scalars(tag)), tag
+    assert all(-1500 < e.value < 0 for e in events.Scalars("eval/average_return_all_test_tasks"))
+    model_file = torch.load(os.path.join(run_dir, "hyper_pearl.cleanrl_model"), weights_only=False)
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert checkpoint["iteration"] == 2 and checkpoint["global_step"] == 1400
+    assert all(torch.equal(model_file["agent"][k], v) for k, v in checkpoint["agent"].items())
+    assert sum(buffer["size"] for buffer in checkpoint["rl_buffer"]) == 1400
+    assert ("hyper" if model == "hyper" else "mlp") in model_file["args"]["model"]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(small_runs, tmp_path):
+    _, run_dir = small_runs("hyper")  # 2 iterations, checkpoint at 2
+    shutil.copytree(os.path.dirname(run_dir), tmp_path / "b" / "runs")
+    (tmp_path / "a").mkdir()
+    longer = [*SMALL_RUN, "--model", "hyper", "--num-iterations", "3"]
+    run(longer, tmp_path / "a")
+    proc = run([*longer, "--resume", os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")], tmp_path / "b")
+    assert "resumed" in proc.stdout and "iteration 3/3" in proc.stdout
+    a = torch.load(os.path.join(only_run_dir(tmp_path / "a"), "hyper_pearl.cleanrl_model"), weights_only=False)["agent"]
+    b = torch.load(os.path.join(only_run_dir(tmp_path / "b"), "hyper_pearl.cleanrl_model"), weights_only=False)["agent"]
+    original = torch.load(os.path.join(run_dir, "hyper_pearl.cleanrl_model"), weights_only=False)["agent"]
+    assert not all(torch.equal(a[k], original[k]) for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+def test_resume_refuses_different_settings(small_runs, tmp_path):
+    _, run_dir = small_runs("mlp")
+    proc = run([*SMALL_RUN, "--model", "mlp", "--num-iterations", "3", "--reward-scale", "1",
+                "--resume", os.path.join(run_dir, "checkpoint.pt")], tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: the checkpoint was made with different settings: --reward-scale 5.0 (given 1.0)")
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(small_runs, tmp_path):
+    _, run_dir = small_runs("mlp")
+    shutil.copytree(run_dir, tmp_path / "run")
+    checkpoint_path = str(tmp_path / "run" / "checkpoint.pt")
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    checkpoint["agent"]["qf1.last.bias"][0] = float("nan")
+    torch.save(checkpoint, checkpoint_path)
+    proc = run([*SMALL_RUN, "--model", "mlp", "--num-iterations", "4", "--checkpoint-freq", "1", "--resume", checkpoint_path], tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite Q loss + KL" in errors[0]
+    assert errors[0].endswith(f"in iteration 3; stopping, the last checkpoint ({checkpoint_path}) is intact")
+    after = torch.load(checkpoint_path, weights_only=False)
+    assert after["iteration"] == 2 and torch.isnan(after["agent"]["qf1.last.bias"][0])
+
+
+def test_cli_bad_input_fails_cleanly(tmp_path):
+    proc = run(["--meta-batch", "0"], tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: --meta-batch must be positive, got 0\n"
+    proc = run(["--num-initial-steps", "0", "--num-steps-prior", "0", "--num-extra-rl-steps-posterior", "0"], tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    proc = run(["--env-id", "HopperVel"], tmp_path, check=False)  # tyro refuses a value outside the Literal
+    assert proc.returncode != 0 and "HalfCheetahVelMedium" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run(["--resume", str(tmp_path / "missing.pt")], tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: cannot load checkpoint")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_help_lists_the_flags(tmp_path):
+    proc = run(["--help"], tmp_path)
+    for flag in ("--env-id", "--model", "--num-train-steps-per-itr", "--meta-batch", "--reward-scale", "--kl-lambda",
+                 "--num-exp-traj-eval", "--resume", "--save-model", "--qf-lr"):  # fmt: skip
+        assert flag in proc.stdout
