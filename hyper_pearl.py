@@ -18,8 +18,10 @@ transitions with a probabilistic context encoder and trains a soft actor-critic 
 critic are either plain MLPs (PEARL) or hypernetworks (Hyper-PEARL: the policy's meta variable is z, the Q and V
 networks' meta variable is the state), on Half-Cheetah-Fwd-Back, Ant-Fwd-Back, Half-Cheetah-Vel, Ant-Vel and the
 out-of-distribution Half-Cheetah-Vel-Medium.
-So far this file holds the task families, the context encoder and the networks (PEARL's MLPs and Hyper-PEARL's
-hypernetworks); the SAC updates, the sampler and the training loop are not in it yet.
+
+    python hyper_pearl.py --env-id HalfCheetahVel --model hyper     # Hyper-PEARL (paper Fig. 6d)
+    python hyper_pearl.py --env-id HalfCheetahVel --model mlp       # PEARL
+    python hyper_pearl.py --env-id HalfCheetahVelMedium --model hyper   # out-of-distribution test tasks (Fig. 7)
 
 Defaults are PEARL's (github katerakelly/oyster, configs/default.py and configs/*.json; research notes §3.1) with the
 authors' changes (github keynans/HypeRL, PEARL/; notes §3.2): latent 5, context encoder 3 x 200 over (s, a, r), KL
@@ -37,6 +39,16 @@ Where this differs from the authors' PEARL code (HypeRL PEARL/, a fork of oyster
   here (`TaskEnv`).
 - Gymnasium v4 observations (HalfCheetah 17-D, without their appended torso x, y, z), MuJoCo 3+, explicit 200-step
   episodes, actions clipped to [-1, 1] before the env as their NormalizedBoxEnv did.
+- A trajectory that ends by termination (Ant falling) keeps its last transition, stored with d = 1; their rollout
+  dropped it (notes §3.2).
+- Hyper-PEARL's policy generates its dynamic weights once per task (per trajectory when acting, per task of the
+  meta-batch when training), where theirs generated them per transition; the numbers are the same. The V target and
+  the policy loss evaluate Q with its parameters frozen (theirs also disabled Q's grads there). Their
+  torch.autograd.set_detect_anomaly(True), which only slows training, is not carried over.
+- The tanh log-prob correction is exact (no 1e-6 inside the log) and the hypernetworks start from the paper's
+  Kaiming-like init (`init_hypernetwork`).
+- Not logged: oyster's AverageTrainReturn_all_train_tasks (train tasks with a posterior from the encoder buffer) and
+  its per-iteration online-return files; eval/test_return_trajectory_k gives the online returns instead.
 """
 
 import os
@@ -823,7 +835,7 @@ def rollout(env: gym.Env, policy: nn.Module, z: torch.Tensor, deterministic: boo
     path = {k: [] for k in FIELDS}
     while True:
         mean, log_std = policy.dist_params_with_weights(weights, torch.as_tensor(obs, dtype=torch.float32).view(1, 1, -1))
-        action = torch.tanh(mean) if deterministic else tanh_gaussian_sample(mean, log_std)[0]
+        action = torch.tanh(mean if deterministic else mean + log_std.exp() * torch.randn_like(mean))
         action = action.view(-1).numpy()
         if not np.isfinite(action).all():
             raise FloatingPointError("non-finite action from the policy")
