@@ -56,8 +56,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Literal, Optional, get_args
+from typing import Literal, Optional, get_args
 
 import gymnasium as gym
 import numpy as np
@@ -65,8 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.distributions import Normal, kl_divergence
-from torch.func import functional_call
+from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
 
 

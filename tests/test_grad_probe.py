@@ -1,7 +1,5 @@
 import glob
 import os
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
@@ -26,6 +24,7 @@ from grad_probe import (
     set_sim_state,
 )
 from tests.envs_probe import WEIGHTS
+from tests.cli import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "grad_probe.py")
@@ -33,12 +32,7 @@ LINEAR_ENV = "tests.envs_probe:LinearRewardEnv-v0"
 TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-init-samples", "50"]
 
 
-def run(script, args, cwd, check=True):
-    # one torch thread: with tiny networks, threads competing for 2 cores make updates many times slower
-    proc = subprocess.run([sys.executable, script, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run = run_script
 
 
 def results_of(cwd):

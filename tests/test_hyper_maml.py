@@ -1,10 +1,7 @@
 import copy
 import dataclasses
-import glob
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +16,9 @@ from hyper_maml import (FAMILIES, FAMILY_SPECS, LOG_STD_MIN, Args, ContextPolicy
                         mean_kl, mean_return, meta_objective, pre_and_post_adaptation, sample_episodes,
                         stack_task_policies, surrogate_loss, task_context, task_contexts, trpo_step,
                         variance_experiment)
+from functools import partial
+
+from tests.cli import only_run_dir, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 0.05
@@ -869,17 +869,8 @@ TRAIN_TAGS = ["charts/pre_adaptation_return", "charts/post_adaptation_return", "
               "losses/surrogate_after", "losses/kl", "losses/line_search_steps", "charts/SPS", "charts/iteration_seconds"]  # fmt: skip
 
 
-def run(args, cwd, check=True):
-    # one torch thread: with tiny networks, threads competing for the cores only slow the run down
-    proc = subprocess.run([sys.executable, SCRIPT, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run = partial(run_script, SCRIPT)
 
-
-def only_run_dir(cwd):
-    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
-    return run_dir
 
 
 def scalars(run_dir):

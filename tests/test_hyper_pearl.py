@@ -1,8 +1,5 @@
-import glob
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +8,9 @@ from torch.distributions import Normal, kl_divergence
 
 from hyper_pearl import (FAMILIES, FAMILY_SPECS, KL_LAMBDA, LATENT_DIM, ContextEncoder, Task, context_dim,
                          kl_to_prior, make_context, make_task_env, make_task_pool, product_of_gaussians, sample_z)
+from functools import partial
+
+from tests.cli import only_run_dir, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 0.05
@@ -340,7 +340,7 @@ def test_hyper_parameter_counts_match_the_authors():
 
 import gymnasium as gym  # noqa: E402
 
-from hyper_pearl import (FAMILY_SCHEDULES, Batch, ContextEncoder, MultiTaskBuffer, PEARLAgent, TaskBuffer,  # noqa: E402
+from hyper_pearl import (FAMILY_SCHEDULES, Batch, MultiTaskBuffer, PEARLAgent, TaskBuffer,  # noqa: E402
                          adaptation_returns, collect, critic_loss, evaluate, q_target, rollout, train_step,
                          value_and_policy_losses)
 
@@ -623,16 +623,8 @@ TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losse
         "eval/test_return_trajectory_2"]  # fmt: skip
 
 
-def run(args, cwd, check=True):
-    proc = subprocess.run([sys.executable, SCRIPT, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run = partial(run_script, SCRIPT)
 
-
-def only_run_dir(cwd):
-    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 import hyper_sac
 from hyper_sac import Actor, Args, HyperCritic, collect_meta_samples, make_critic
+from functools import partial
+
+from tests.cli import only_run_dir, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "hyper_sac.py")
@@ -20,17 +23,8 @@ TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-i
         "--res35-blocks", "3"]  # fmt: skip
 
 
-def run(args, cwd, check=True):
-    # one torch thread: with tiny networks, threads competing for 2 cores make updates many times slower
-    proc = subprocess.run([sys.executable, SCRIPT, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run = partial(run_script, SCRIPT)
 
-
-def only_run_dir(cwd):
-    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
-    return run_dir
 
 
 def scalar_tags(run_dir):

@@ -1,8 +1,5 @@
-import glob
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +7,9 @@ import torch
 
 import hyper_td3
 from hyper_td3 import Actor, Args, HyperCritic, collect_meta_samples, make_critic
+from functools import partial
+
+from tests.cli import only_run_dir, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "hyper_td3.py")
@@ -20,17 +20,8 @@ NETS = ("actor", "actor_target", "qf1", "qf2", "qf1_target", "qf2_target")
 LOW, HIGH = np.array([-3.0, 0.0]), np.array([3.0, 2.0])  # asymmetric bounds: scale (3, 1), bias (0, 1)
 
 
-def run(args, cwd, check=True):
-    # one torch thread: with tiny networks, threads competing for 2 cores make updates many times slower
-    proc = subprocess.run([sys.executable, SCRIPT, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run = partial(run_script, SCRIPT)
 
-
-def only_run_dir(cwd):
-    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
-    return run_dir
 
 
 def load(path):

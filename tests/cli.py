@@ -1,0 +1,20 @@
+"""Helpers of the end-to-end tests: run a script through its CLI and find the run directory it wrote."""
+
+import glob
+import os
+import subprocess
+import sys
+
+
+def run_script(script, args, cwd, check=True):
+    """Run `script` with `args` in `cwd` on one torch thread (with tiny networks, threads competing for 2 cores make
+    updates many times slower); raise with its output if it fails and `check` is set."""
+    proc = subprocess.run([sys.executable, script, "--num-threads", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def only_run_dir(cwd):
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    return run_dir
