@@ -1242,6 +1242,7 @@ if __name__ == "__main__":
         # ALGO LOGIC: data collection (oyster rl_algorithm.train)
         try:
             if iteration == 1:  # the initial pool: every train task, z ~ prior
+                print(f"collecting the initial pool: {len(train_tasks)} train tasks x {args.num_initial_steps} steps", flush=True)
                 for index, task in enumerate(train_tasks):
                     paths += collect(env, task, agent, args.num_initial_steps, rl_buffer.tasks[index], encoder_buffer.tasks[index],
                                      add_to_encoder=True, use_posterior=False, context_batch=embedding_batch, rng=sampler_rng)  # fmt: skip
