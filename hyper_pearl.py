@@ -46,7 +46,8 @@ Where this differs from the authors' PEARL code (HypeRL PEARL/, a fork of oyster
   the policy loss evaluate Q with its parameters frozen (theirs also disabled Q's grads there). Their
   torch.autograd.set_detect_anomaly(True), which only slows training, is not carried over.
 - The tanh log-prob correction is exact (no 1e-6 inside the log) and the hypernetworks start from the paper's
-  Kaiming-like init (`init_hypernetwork`).
+  Kaiming-like init (`init_hypernetwork`), with the policy's mean and log-std layers generated like PEARL's U(+-1e-3)
+  heads; `--hyper-init authors` gives the released constants.
 - Not logged: oyster's AverageTrainReturn_all_train_tasks (train tasks with a posterior from the encoder buffer) and
   its per-iteration online-return files; eval/test_return_trajectory_k gives the online returns instead.
 """
@@ -584,30 +585,53 @@ class HyperV(nn.Module):
         return dynamic_layer(out, F.relu(dynamic_layer(hidden, z)))
 
 
-def init_hypernetwork(module: nn.Module, meta_samples: torch.Tensor) -> None:
-    """The paper's initialization (Sec. 5.2: the initial dynamic weights resemble, on average, Kaiming-uniform), as
-    hyper_td3.py's "kaiming" scheme, for any module with `.primary` and `.heads` (HyperPolicy, HyperQ, HyperV).
+AUTHORS_HEAD_INIT = (0.05, 0.008, 0.001)  # HypeRL hyper_network.py: U(+-c) head weights for [hidden, output, log-std]
 
-    A generated weight is w = sum_k H_k e_k with head weights H_k ~ U(-c, c) independent of the embedding e, so over
-    the meta variable's distribution E[w^2] = (c^2 / 3) d E[e_k^2] (d the embedding width). Kaiming-uniform for a
-    dynamic layer of fan-in n has variance gain^2 / n (gain sqrt(2) before a ReLU, 1 for an output layer), hence
+
+def init_hypernetwork(module: nn.Module, meta_samples: torch.Tensor, scheme: Literal["kaiming", "authors"] = "kaiming",
+                      output_init: Optional[float] = None) -> None:  # fmt: skip
+    """Initialise a module with `.primary` and `.heads` (HyperPolicy, HyperQ, HyperV).
+
+    "kaiming", the paper's (Sec. 5.2: the initial dynamic weights resemble, on average, Kaiming-uniform), as
+    hyper_td3.py's. A generated weight is w = sum_k H_k e_k with head weights H_k ~ U(-c, c) independent of the
+    embedding e, so over the meta variable's distribution E[w^2] = (c^2 / 3) d E[e_k^2] (d the embedding width).
+    Kaiming-uniform for a dynamic layer of fan-in n has variance gain^2 / n (gain sqrt(2) before a ReLU, 1 for an
+    output layer), hence
         c = gain * sqrt(3 / n) / (sqrt(d) * rms(e)),
     with rms(e) measured on `meta_samples` (states for Q and V, z ~ N(0, I) for the policy), drawn as the network
-    will first see them. Primary layers are Kaiming-uniform (gain sqrt(2) after a ReLU, 1 for the stage projections
-    reading the raw residual stream) with zero biases. The bias and gain heads start at zero, so every meta variable
-    first generates a Kaiming-uniform network with zero biases and unit gains. (The authors initialised the policy's
-    log-std head U(+-1e-3); here it is an output layer like the mean's.)
+    will first see them. With `output_init` set, the output layers' weights resemble U(-output_init, output_init)
+    instead (variance output_init^2 / 3, so c = output_init / (sqrt(d) * rms(e))): the policy passes PEARL's 1e-3, so
+    that, like PEARL's MLP policy, it starts with mean ~ 0 and log-std ~ 0 rather than a saturated tanh. Primary layers
+    are Kaiming-uniform (gain sqrt(2) after a ReLU, 1 for the stage projections reading the raw residual stream) with
+    zero biases. The bias and gain heads start at zero, so every meta variable first generates the same kind of
+    network, with zero biases and unit gains.
+
+    "authors", the released code's constants (HypeRL PEARL/torch/sac/hyper_network.py): primary weights
+    U(+-1 / (2 sqrt(fan_in))) with torch's default biases; the weight, bias and gain heads' weights U(+-c) with c = 0.05
+    (hidden layer), 0.008 (output) and 0.001 (the policy's log-std), zero head biases.
     """
     with torch.no_grad():
         for layer in module.primary.net:
             fcs = [(layer, "linear")] if isinstance(layer, nn.Linear) else [(layer.fc1, "relu"), (layer.fc2, "relu")]
             for fc, nonlinearity in fcs:
-                nn.init.kaiming_uniform_(fc.weight, nonlinearity=nonlinearity)
-                nn.init.zeros_(fc.bias)
-        e_rms = module.primary(meta_samples).pow(2).mean().sqrt().item()
+                if scheme == "authors":
+                    bound = 1.0 / (2.0 * np.sqrt(fc.weight.shape[1]))
+                    nn.init.uniform_(fc.weight, -bound, bound)
+                else:
+                    nn.init.kaiming_uniform_(fc.weight, nonlinearity=nonlinearity)
+                    nn.init.zeros_(fc.bias)
+        if scheme == "authors":
+            for head, bound in zip(module.heads, AUTHORS_HEAD_INIT):
+                for fc in (head.weight, head.bias, head.gain):
+                    nn.init.uniform_(fc.weight, -bound, bound)
+                    nn.init.zeros_(fc.bias)
+            return
+        scale = np.sqrt(module.primary.embedding_dim) * module.primary(meta_samples).pow(2).mean().sqrt().item()
         for head in module.heads:
-            gain = np.sqrt(2.0) if head.relu_after else 1.0
-            bound = gain * np.sqrt(3.0 / head.fan_in) / (np.sqrt(module.primary.embedding_dim) * e_rms)
+            if output_init is not None and not head.relu_after:
+                bound = output_init / scale
+            else:
+                bound = (np.sqrt(2.0) if head.relu_after else 1.0) * np.sqrt(3.0 / head.fan_in) / scale
             nn.init.uniform_(head.weight.weight, -bound, bound)
             for fc in (head.bias, head.gain):
                 nn.init.zeros_(fc.weight)
@@ -1025,8 +1049,11 @@ class Args:
     """residual blocks per stage of the primary network (paper: 2)"""
     hyper_dynamic_hidden: int = DYNAMIC_HIDDEN
     """hidden units of the single hidden layer of the dynamic networks (paper: 256)"""
+    hyper_init: Literal["kaiming", "authors"] = "kaiming"
+    """kaiming: dynamic weights resemble Kaiming-uniform on average (paper; the policy's outputs PEARL's U(+-1e-3));
+    authors: the released code's constants"""
     hyper_init_samples: int = 1000
-    """states (from random actions) and prior latents on which the hypernetworks' init measures the embedding scale"""
+    """states (from random actions) and prior latents on which the kaiming init measures the embedding scale"""
 
 
 def schedule(args: Args, name: str) -> int:
@@ -1097,11 +1124,12 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, meta_states: Optional[tor
         return PEARLAgent(encoder, *nets)
     sizes = dict(embedding_dim=args.hyper_embedding_dim, blocks=args.hyper_blocks, dynamic_hidden=args.hyper_dynamic_hidden)
     policy = HyperPolicy(obs_dim, act_dim, args.latent_dim, **sizes)
-    init_hypernetwork(policy, torch.randn(args.hyper_init_samples, args.latent_dim))  # z as first drawn: from the prior
+    # z as first drawn: from the prior; output layers like PEARL's policy heads, U(+-1e-3)
+    init_hypernetwork(policy, torch.randn(args.hyper_init_samples, args.latent_dim), args.hyper_init, output_init=POLICY_HEAD_INIT)
     critics = [HyperQ(obs_dim, act_dim, args.latent_dim, **sizes), HyperQ(obs_dim, act_dim, args.latent_dim, **sizes),
                HyperV(obs_dim, args.latent_dim, **sizes), HyperV(obs_dim, args.latent_dim, **sizes)]  # fmt: skip
     for critic in critics[:3]:
-        init_hypernetwork(critic, meta_states)
+        init_hypernetwork(critic, meta_states, args.hyper_init)
     return PEARLAgent(encoder, policy, *critics)
 
 
@@ -1110,7 +1138,8 @@ RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "num_train_tasks",
                      "num_tasks_sample", "num_steps_prior", "num_extra_rl_steps_posterior", "num_train_steps_per_itr",
                      "meta_batch", "batch_size", "embedding_batch_size", "buffer_size", "gamma", "tau", "reward_scale",
                      "kl_lambda", "model", "policy_lr", "qf_lr", "vf_lr", "context_lr", "latent_dim", "net_size",
-                     "encoder_hidden", "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init_samples")  # fmt: skip
+                     "encoder_hidden", "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init",
+                     "hyper_init_samples")  # fmt: skip
 # independent numpy streams: np.random.default_rng([seed, stream]) (the task pools use default_rng(seed) itself)
 TASK_STREAM, SAMPLER_STREAM, REPLAY_STREAM, EVAL_STREAM, INIT_STREAM = 1, 2, 3, 4, 5
 

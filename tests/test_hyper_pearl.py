@@ -311,6 +311,29 @@ def test_kaiming_init_gives_kaiming_first_layer_weights_and_zero_bias_gain_heads
             assert torch.count_nonzero(fc.weight) == 0 and torch.count_nonzero(fc.bias) == 0
 
 
+def test_kaiming_init_with_output_init_generates_pearl_sized_policy_outputs():
+    torch.manual_seed(0)
+    policy = HyperPolicy(OBS, ACT, LAT, **SMALL)
+    init_hypernetwork(policy, torch.randn(512, LAT), output_init=1e-3)
+    with torch.no_grad():
+        e = policy.primary(torch.randn(256, LAT))
+        hidden, mean, log_std = (head(e)[0] for head in policy.heads)
+    assert abs(hidden.pow(2).mean().sqrt().item() / np.sqrt(2.0 / OBS) - 1) < 0.2  # the hidden layer stays Kaiming
+    for weight in (mean, log_std):  # U(-1e-3, 1e-3) has rms 1e-3 / sqrt(3)
+        assert abs(weight.pow(2).mean().sqrt().item() / (1e-3 / np.sqrt(3)) - 1) < 0.2
+
+
+def test_authors_init_uses_the_released_constants():
+    torch.manual_seed(0)
+    policy = HyperPolicy(OBS, ACT, LAT, **SMALL)
+    init_hypernetwork(policy, torch.randn(8, LAT), scheme="authors")
+    for head, bound in zip(policy.heads, (0.05, 0.008, 0.001)):
+        for fc in (head.weight, head.bias, head.gain):
+            assert 0.9 * bound < fc.weight.abs().max() <= bound and torch.count_nonzero(fc.bias) == 0
+    first = policy.primary.net[0]
+    assert first.weight.abs().max() <= 1 / (2 * np.sqrt(LAT)) and torch.count_nonzero(first.bias) > 0
+
+
 def test_mlp_init_last_layers_are_small_uniform():
     torch.manual_seed(0)
     policy, q, v = MLPPolicy(OBS, ACT, LAT), MLPQ(OBS, ACT, LAT), MLPV(OBS, LAT)
