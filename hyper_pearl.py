@@ -565,7 +565,8 @@ class HyperQ(nn.Module):
 
     def forward(self, obs, act, z):
         """(..., obs_dim), (..., act_dim), (..., latent) -> (..., 1); dynamic weights per sample (from its state)."""
-        hidden, out = [head(self.primary(obs)) for head in self.heads]
+        e = self.primary(obs)  # once per state, shared by both dynamic layers' heads
+        hidden, out = [head(e) for head in self.heads]
         return dynamic_layer(out, F.relu(dynamic_layer(hidden, torch.cat([act, z], dim=-1))))
 
 
@@ -581,7 +582,8 @@ class HyperV(nn.Module):
 
     def forward(self, obs, z):
         """(..., obs_dim), (..., latent) -> (..., 1)."""
-        hidden, out = [head(self.primary(obs)) for head in self.heads]
+        e = self.primary(obs)
+        hidden, out = [head(e) for head in self.heads]
         return dynamic_layer(out, F.relu(dynamic_layer(hidden, z)))
 
 

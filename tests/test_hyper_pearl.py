@@ -284,6 +284,16 @@ def test_hyper_policy_runs_the_primary_once_per_task_batch_and_matches_per_sampl
         torch.testing.assert_close(x.reshape(y.shape), y, rtol=1e-5, atol=1e-5)
 
 
+def test_hyper_q_and_v_run_the_primary_network_once_per_forward():
+    _, q, v = small_hyper_nets()
+    calls = []
+    for net in (q, v):
+        net.primary.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    q(torch.randn(9, OBS), torch.randn(9, ACT), torch.randn(9, LAT))
+    v(torch.randn(9, OBS), torch.randn(9, LAT))
+    assert calls == [9, 9]  # one pass over the 9 states each, shared by the hidden and output layers' heads
+
+
 def test_hyper_q_action_gradient_depends_on_the_state():
     _, q, _ = small_hyper_nets()
     torch.manual_seed(2)
