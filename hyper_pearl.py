@@ -1180,9 +1180,9 @@ if __name__ == "__main__":
             fail(f"cannot load checkpoint {args.resume}: {e}")
         if not isinstance(checkpoint, dict) or "rl_buffer" not in checkpoint or "agent" not in checkpoint:
             fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
-        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"][k] != getattr(args, k)]
+        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"].get(k) != getattr(args, k)]
         if differing:
-            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]} (given {getattr(args, k)})" for k in differing)
+            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)} (given {getattr(args, k)})" for k in differing)
             fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
         if checkpoint["iteration"] >= args.num_iterations:
             fail(f"the checkpoint is at iteration {checkpoint['iteration']}; pass --num-iterations above it to continue")
