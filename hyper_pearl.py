@@ -974,15 +974,13 @@ class Args:
     wandb_entity: Optional[str] = None
     """the W&B entity (team); None uses your default entity"""
     eval_freq: int = 1
-    """evaluate on the test tasks and on as many train tasks every this many iterations and at the last (PEARL: every
-    iteration; 0 disables)"""
+    """evaluate on the test tasks and as many train tasks every this many iterations and at the last (0 disables)"""
     progress_freq: int = 1
     """print a progress line (iteration, s/it, env steps/s, ETA, returns) every this many iterations"""
     save_model: bool = False
     """save the final models to runs/{run_name}/{exp_name}.cleanrl_model"""
     checkpoint_freq: int = 10
-    """write a resumable checkpoint (models, optimizers, replay buffers, RNGs) to runs/{run_name}/checkpoint.pt every
-    this many iterations and at the end (0 disables)"""
+    """write a resumable checkpoint (models, optimizers, buffers, RNGs) every this many iterations and at the end (0 disables)"""
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
 
@@ -1052,8 +1050,7 @@ class Args:
     hyper_dynamic_hidden: int = DYNAMIC_HIDDEN
     """hidden units of the single hidden layer of the dynamic networks (paper: 256)"""
     hyper_init: Literal["kaiming", "authors"] = "kaiming"
-    """kaiming: dynamic weights resemble Kaiming-uniform on average (paper; the policy's outputs PEARL's U(+-1e-3));
-    authors: the released code's constants"""
+    """kaiming: dynamic weights resemble Kaiming-uniform (paper), policy outputs PEARL's U(+-1e-3); authors: released constants"""
     hyper_init_samples: int = 1000
     """states (from random actions) and prior latents on which the kaiming init measures the embedding scale"""
 
