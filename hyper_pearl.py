@@ -263,6 +263,11 @@ def make_context(obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor
     return torch.cat([obs, actions, rewards], dim=-1)
 
 
+def per_row(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """z (tasks, latent) repeated for each of a task's rows: rows (tasks, N, dim) -> (tasks, N, latent), a view."""
+    return z.unsqueeze(-2).expand(*rows.shape[:-1], z.shape[-1])
+
+
 def product_of_gaussians(mus: torch.Tensor, sigmas_squared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The product of N Gaussian factors per task, normalised: (tasks, N, latent) twice -> (tasks, latent) twice.
 
@@ -452,7 +457,7 @@ class MLPPolicy(nn.Module):
 
     def dist_params_with_weights(self, z: torch.Tensor, obs: torch.Tensor):
         """z (tasks, latent), obs (tasks, N, obs_dim) -> mean and log-std (tasks, N, act_dim)."""
-        return self.dist_params(obs, z.unsqueeze(-2).expand(*obs.shape[:-1], z.shape[-1]))
+        return self.dist_params(obs, per_row(z, obs))
 
 
 class ResBlock(nn.Module):
@@ -716,7 +721,7 @@ def critic_loss(agent: PEARLAgent, batch: Batch, context: torch.Tensor, reward_s
     posterior = agent.encoder.posterior(context)
     z = sample_z(posterior)
     kl = kl_to_prior(posterior).sum()  # summed over tasks, as oyster's compute_kl_div
-    z_rows = z.unsqueeze(-2).expand(*batch.obs.shape[:-1], z.shape[-1])
+    z_rows = per_row(z, batch.obs)
     q1 = agent.qf1(batch.obs, batch.actions, z_rows)
     q2 = agent.qf2(batch.obs, batch.actions, z_rows)
     with torch.no_grad():
@@ -733,7 +738,7 @@ def value_and_policy_losses(agent: PEARLAgent, batch: Batch, z: torch.Tensor):
     weights = agent.policy.task_weights(z)  # Hyper-PEARL: the dynamic weights once per task, not per transition
     mean, log_std = agent.policy.dist_params_with_weights(weights, batch.obs)
     new_actions, log_pi, _ = tanh_gaussian_sample(mean, log_std)
-    z_rows = z.unsqueeze(-2).expand(*batch.obs.shape[:-1], z.shape[-1])
+    z_rows = per_row(z, batch.obs)
     with frozen(agent.qf1, agent.qf2):
         min_q_new = torch.min(agent.qf1(batch.obs, new_actions, z_rows), agent.qf2(batch.obs, new_actions, z_rows))
     vf_loss = F.mse_loss(agent.vf(batch.obs, z_rows), (min_q_new - log_pi).detach())

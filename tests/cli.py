@@ -18,3 +18,16 @@ def run_script(script, args, cwd, check=True):
 def only_run_dir(cwd):
     (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
     return run_dir
+
+
+def cached_runs(tmp_path_factory, run, base_args, flag):
+    """get(value) -> (stdout, run dir) of `run([*base_args, flag, value])`, made once per value on first use."""
+    done = {}
+
+    def get(value):
+        if value not in done:
+            cwd = tmp_path_factory.mktemp(value)
+            done[value] = (run([*base_args, flag, value], cwd).stdout, only_run_dir(cwd))
+        return done[value]
+
+    return get

@@ -18,7 +18,7 @@ from hyper_maml import (FAMILIES, FAMILY_SPECS, LOG_STD_MIN, Args, ContextPolicy
                         variance_experiment)
 from functools import partial
 
-from tests.cli import only_run_dir, run_script
+from tests.cli import cached_runs, only_run_dir, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 0.05
@@ -872,7 +872,6 @@ TRAIN_TAGS = ["charts/pre_adaptation_return", "charts/post_adaptation_return", "
 run = partial(run_script, SCRIPT)
 
 
-
 def scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -884,15 +883,7 @@ def scalars(run_dir):
 @pytest.fixture(scope="module")
 def small_runs(tmp_path_factory):
     """One SMALL_RUN per policy, made on first use: (stdout, run dir)."""
-    done = {}
-
-    def get(policy):
-        if policy not in done:
-            cwd = tmp_path_factory.mktemp(policy)
-            done[policy] = (run([*SMALL_RUN, "--policy", policy], cwd).stdout, only_run_dir(cwd))
-        return done[policy]
-
-    return get
+    return cached_runs(tmp_path_factory, run, SMALL_RUN, "--policy")
 
 
 @pytest.mark.parametrize("policy", ["vanilla", "context", "hyper"])

