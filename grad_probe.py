@@ -48,7 +48,7 @@ gradients, fitted gradients, CS) goes to runs/{run_name}/grad_probe.pt, rewritte
 with torch.load(path). --plot draws Fig. 3 (a-d) and Fig. 4 into runs/{run_name}/ (needs matplotlib).
 
 TD3 and the critics are those of hyper_td3.py (same defaults: batch 100, 1000 random steps, critic lr 5e-5 for
-hypernetwork critics and 3e-4 for the MLP, same kaiming hypernetwork init); see that file for the algorithm.
+hypernetwork critics and 3e-4 for the MLP, same hypernetwork init); see that file for the algorithm.
 
 Where this differs from the authors' gradient test (github keynans/HypeRL, TD3/bias_test.py):
 - --action-repeat defaults to 1: the perturbed action is applied once, so the probe measures grad_a Q^pi(s, a)
@@ -167,10 +167,12 @@ class Args:
     """residual blocks per stage of the primary network (paper: 2)"""
     hyper_dynamic_hidden: int = 256
     """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
-    hyper_init: Literal["kaiming", "authors"] = "kaiming"
-    """kaiming: dynamic weights resemble Kaiming-uniform on average (paper); authors: the released TD3 code's constants"""
+    hyper_init: Literal["pytorch", "authors"] = "pytorch"
+    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first states, gains 1 (paper Sec. 2); authors: the released TD3 code's constants"""
+    hyper_embedding_norm: float = 8.0
+    """--hyper-init pytorch: rms norm of the primary network's embedding over the first states; sets how far one Adam step moves the generated weights (8: as far as with the released constants)"""
     hyper_init_samples: int = 1000
-    """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init kaiming"""
+    """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init pytorch"""
 
 
 def fail(message: str) -> None:
@@ -312,11 +314,13 @@ def q_at_actions(qf: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> tor
     return qf(obs.repeat_interleave(n_actions, 0), flat_actions).view(n_states, n_actions)
 
 
-def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tensor) -> None:
-    """kaiming (paper): primary layers Kaiming-uniform with zero biases; weight-head bound
-    c = gain sqrt(3/n) / (sqrt(d) rms(e)), so the generated weights have Kaiming-uniform variance on average over
-    `meta_samples` (derivation in hyper_td3.py); bias and gain heads start at zero. authors: the released TD3
-    constants (primary U(+-1/(2 sqrt(fan_in))), head weights U(+-0.05) / U(+-0.008), head biases 0)."""
+def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0) -> None:
+    """pytorch (default; derivation in hyper_td3.py): the generated weights and biases have, on average over
+    `meta_samples`, the statistics of PyTorch's default nn.Linear init U(+-1/sqrt(n)), and every gain starts at 1.
+    Primary layers keep PyTorch's default init, with the last stage rescaled (projection and its biases, exact for a
+    ReLU stage) to embedding rms norm `embedding_norm`; weight and bias heads U(+-1/(sqrt(n) embedding_norm)); gain
+    heads and head biases zero. authors: the released TD3 constants (primary U(+-1/(2 sqrt(fan_in))), head weights
+    U(+-0.05) / U(+-0.008), head biases 0)."""
     with torch.no_grad():
         if scheme == "authors":
             for module in critic.primary.modules():
@@ -328,18 +332,21 @@ def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tens
                     nn.init.uniform_(fc.weight, -bound, bound)
                     nn.init.zeros_(fc.bias)
             return
-        for layer in critic.primary.net:
-            fcs = [(layer, "linear")] if isinstance(layer, nn.Linear) else [(layer.fc1, "relu"), (layer.fc2, "relu")]
-            for fc, nonlinearity in fcs:
-                nn.init.kaiming_uniform_(fc.weight, nonlinearity=nonlinearity)
-                nn.init.zeros_(fc.bias)
-        e_rms = critic.primary(meta_samples).pow(2).mean().sqrt().item()
-        for i, head in enumerate(critic.heads):
-            gain = np.sqrt(2.0) if i < len(critic.heads) - 1 else 1.0
-            bound = gain * np.sqrt(3.0 / head.fan_in) / (np.sqrt(critic.primary.embedding_dim) * e_rms)
-            nn.init.uniform_(head.weight.weight, -bound, bound)
-            for fc in (head.bias, head.gain):
-                nn.init.zeros_(fc.weight)
+        for module in critic.primary.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        norm = critic.primary(meta_samples).pow(2).sum(1).mean().sqrt().item()
+        layers = list(critic.primary.net)
+        last_stage = layers[max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)) :]
+        last_stage[0].weight.mul_(embedding_norm / norm)
+        for module in (m for layer in last_stage for m in layer.modules()):
+            if isinstance(module, nn.Linear):
+                module.bias.mul_(embedding_norm / norm)
+        for head in critic.heads:
+            bound = 1.0 / (np.sqrt(head.fan_in) * embedding_norm)
+            for fc in (head.weight, head.bias):
+                nn.init.uniform_(fc.weight, -bound, bound)
+            nn.init.zeros_(head.gain.weight)
             for fc in (head.weight, head.bias, head.gain):
                 nn.init.zeros_(fc.bias)
 
@@ -367,7 +374,7 @@ def make_critic(critic: str, config: dict, obs_dim: int, act_dim: int, meta_samp
     q = HyperCritic(obs_dim, act_dim, meta_is_state, config["hyper_embedding_dim"], config["hyper_blocks"], config["hyper_dynamic_hidden"])
     if meta_samples is None:
         meta_samples = torch.randn(256, obs_dim if meta_is_state else act_dim)
-    init_hypernetwork(q, config["hyper_init"], meta_samples)
+    init_hypernetwork(q, config["hyper_init"], meta_samples, config.get("hyper_embedding_norm", 8.0))
     return q
 
 
@@ -580,7 +587,7 @@ def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device) -> li
 
 
 def collect_meta_samples(critic: str, env_id: str, n: int, seed: int) -> torch.Tensor:
-    """Meta-variable samples for the kaiming init: random-action states (sa-hyper) or random actions (as-hyper),
+    """Meta-variable samples for the pytorch init: random-action states (sa-hyper) or random actions (as-hyper),
     from a separately seeded env."""
     env = make_env(env_id)
     env.action_space.seed(seed)
@@ -613,7 +620,7 @@ def train_and_probe(args: Args, critic_name: str, run_dir: str, results: dict, s
     q_lr = args.q_lr if args.q_lr is not None else (5e-5 if critic_name in HYPER_CRITICS else 3e-4)
 
     meta_samples = None
-    if critic_name in HYPER_CRITICS and args.hyper_init == "kaiming":
+    if critic_name in HYPER_CRITICS and args.hyper_init == "pytorch":
         meta_samples = collect_meta_samples(critic_name, args.env_id, args.hyper_init_samples, args.seed + 200)
     config = vars(args)
     actor = Actor(obs_dim, act_dim, action_low, action_high).to(device)
@@ -865,6 +872,8 @@ def check_args(args: Args) -> None:
         fail("--critics is empty: name at least one of sa-hyper, as-hyper, mlp")
     if args.probe_sigma == 0:
         fail("--probe-sigma 0 leaves every action equal, so there is nothing to fit a gradient to")
+    if not 0 < args.hyper_embedding_norm < float("inf"):
+        fail(f"--hyper-embedding-norm must be positive and finite, got {args.hyper_embedding_norm}")
 
 
 def check_probe_size(args: Args, env: gym.Env) -> None:

@@ -48,10 +48,12 @@ CleanRL; `--hyper-init authors --alpha 1.0 --no-autotune --learning-starts 1000`
 - Their deterministic evaluation uses the pre-tanh mean (clipped by the env); we use tanh(mean).
 - Their log-prob has no log(action_scale) term and never adds the action bias; we do both.
 - Initialization: the paper initializes the primary network so that the generated dynamic weights
-  resemble, on average, Kaiming-uniform. The code uses fixed constants (primary U(+-1/sqrt(2 fan_in)),
-  heads U(+-0.05) and U(+-0.008)), which give weights 3-5x smaller on unit-scale states and
-  proportionally larger on raw MuJoCo states. `--hyper-init kaiming` (default) implements the paper's
-  statement (derivation at `init_hypernetwork`); `--hyper-init authors` reproduces the constants.
+  resemble, on average, Kaiming-uniform. `--hyper-init pytorch` (default) makes the generated weights AND
+  biases match PyTorch's default nn.Linear init on the states the critic first sees, gains 1, with the
+  embedding scaled so that an Adam step at lr 5e-5 moves them as far as the released constants do
+  (derivation at `init_hypernetwork`). The released constants (primary U(+-1/sqrt(2 fan_in)), heads
+  U(+-0.05) and U(+-0.008)) come close to that on HalfCheetah states but not on other tasks, and make the
+  gains random; `--hyper-init authors` reproduces them.
 - Baselines: their ResNet-Features projects the 1024-d embedding to 10 dims before the MLP and several
   of their baseline classes crash as released; ours feed the full embedding (the paper's wording) and
   all run. MLP-Small / MLP-Large do not exist in their code; we build them from the paper's sizes.
@@ -150,10 +152,12 @@ class Args:
     """residual blocks per stage of the primary network (paper: 2)"""
     hyper_dynamic_hidden: int = 256
     """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
-    hyper_init: Literal["kaiming", "authors"] = "kaiming"
-    """kaiming: dynamic weights resemble Kaiming-uniform on average (paper); authors: the released code's constants"""
+    hyper_init: Literal["pytorch", "authors"] = "pytorch"
+    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first states, gains 1 (paper Sec. 2); authors: the released code's constants"""
+    hyper_embedding_norm: float = 8.0
+    """--hyper-init pytorch: rms norm of the primary network's embedding over the first states; sets how far one Adam step moves the generated weights (8: as far as with the released constants)"""
     hyper_init_samples: int = 1000
-    """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init kaiming"""
+    """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init pytorch"""
     mlp_large_width: int = 2900
     """hidden width of both layers of mlp-large (paper: 2900, about 9M weights)"""
     res35_blocks: int = 35
@@ -261,21 +265,27 @@ class HyperCritic(nn.Module):
         return dynamic_forward(self.dynamic_weights(meta), base)
 
 
-def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tensor) -> None:
+def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0) -> None:
     """Initialize the primary network and heads.
 
-    kaiming (the paper, Sec. 5.2: "the initial dynamic weights distribution resembles, on average,
-    Kaiming-uniform"). A generated weight is w = sum_k H_k e_k, with head weights H_k ~ U(-c, c)
-    independent of the embedding e, so averaged over states E[w^2] = (c^2 / 3) * d * E[e_k^2], where d is
-    the embedding width and E[e_k^2] the embedding's mean square over the meta variable's distribution.
-    Kaiming-uniform for a dynamic layer with fan-in n is U(-gain sqrt(3/n), gain sqrt(3/n)), variance
-    gain^2 / n (gain sqrt(2) before a ReLU, 1 for the linear output layer). Equating the two gives
-        c = gain * sqrt(3 / n) / (sqrt(d) * rms(e)).
-    rms(e) scales with the meta variable (raw HalfCheetah states have rms ~4), so it is measured on
-    `meta_samples` drawn as the critic will first see them. The primary layers use Kaiming-uniform
-    themselves (gain sqrt(2) after a ReLU, 1 for the stage projections that read the raw residual
-    stream), with zero biases. The bias and gain heads start at zero, so at initialization every state
-    generates a Kaiming-uniform network with zero biases and unit gains, i.e. a freshly initialized MLP.
+    pytorch (default). The paper (Sec. 2) initializes the primary network so that "the initial dynamic
+    weights distribution resembles, on average, Kaiming-uniform". We take that to be PyTorch's default
+    nn.Linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(n)) for weights AND biases (n = fan-in), the
+    init of every MLP critic here, and match it on `meta_samples`, the meta variables the critic first
+    trains on (states visited by random actions for sa-hyper):
+    1. Primary layers keep PyTorch's default init. Then the last stage is rescaled so that the embedding
+       has root-mean-square norm `embedding_norm` over the samples: scaling a ReLU stage's input
+       projection and every bias in it by c > 0 scales its output by exactly c.
+    2. Weight and bias heads: weights U(+-h), biases 0. A generated weight is W_ij = sum_k H_ijk e_k, so over
+       states E[W_ij^2] = (h^2 / 3) E|e|^2, and h = 1 / (sqrt(n) * embedding_norm) gives 1 / (3n), the
+       variance of U(+-1/sqrt(n)). The generated biases b(s) are random and state-dependent; with zero
+       biases Q(s, .) would be positively homogeneous in the action, its maximum over the action box on
+       the boundary, and a deterministic actor would be pulled to the action bounds from the start.
+    3. Gain heads start at zero: every gain 1 + g(s) starts at exactly 1.
+    The embedding norm sets the step size in generated-weight space: one Adam step moves each head weight
+    by about the lr, so W moves by up to lr * sum_k |e_k| against its scale 1/sqrt(3n). With norm 8 the
+    head bounds h are the released code's constants (0.05 at n = 6, 0.008 at n = 256), where the paper's
+    critic lr 5e-5 was tuned, so the relative step per update matches theirs.
 
     authors: the released SAC code's constants: primary weights U(+-1/sqrt(2 fan_in)) with PyTorch's
     default biases, every head weight U(+-0.05) (first layer) or U(+-0.008) (output layer), head biases 0.
@@ -291,19 +301,21 @@ def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tens
                     nn.init.uniform_(fc.weight, -bound, bound)
                     nn.init.zeros_(fc.bias)
             return
-        for layer in critic.primary.net:
-            # stage projections read the raw residual stream (gain 1); residual branches read ReLU outputs
-            fcs = [(layer, "linear")] if isinstance(layer, nn.Linear) else [(layer.fc1, "relu"), (layer.fc2, "relu")]
-            for fc, nonlinearity in fcs:
-                nn.init.kaiming_uniform_(fc.weight, nonlinearity=nonlinearity)
-                nn.init.zeros_(fc.bias)
-        e_rms = critic.primary(meta_samples).pow(2).mean().sqrt().item()
-        for i, head in enumerate(critic.heads):
-            gain = np.sqrt(2.0) if i < len(critic.heads) - 1 else 1.0
-            bound = gain * np.sqrt(3.0 / head.fan_in) / (np.sqrt(critic.primary.embedding_dim) * e_rms)
-            nn.init.uniform_(head.weight.weight, -bound, bound)
-            for fc in (head.bias, head.gain):
-                nn.init.zeros_(fc.weight)
+        for module in critic.primary.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        norm = critic.primary(meta_samples).pow(2).sum(1).mean().sqrt().item()
+        layers = list(critic.primary.net)
+        last_stage = layers[max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)) :]
+        last_stage[0].weight.mul_(embedding_norm / norm)
+        for module in (m for layer in last_stage for m in layer.modules()):
+            if isinstance(module, nn.Linear):
+                module.bias.mul_(embedding_norm / norm)
+        for head in critic.heads:
+            bound = 1.0 / (np.sqrt(head.fan_in) * embedding_norm)
+            for fc in (head.weight, head.bias):
+                nn.init.uniform_(fc.weight, -bound, bound)
+            nn.init.zeros_(head.gain.weight)
             for fc in (head.weight, head.bias, head.gain):
                 nn.init.zeros_(fc.bias)
 
@@ -373,13 +385,13 @@ class D2RLCritic(nn.Module):
 
 def make_critic(args: Args, obs_dim: int, act_dim: int, meta_samples: Optional[torch.Tensor] = None) -> nn.Module:
     """Build one Q-network; a twin is two independent calls. Baselines keep PyTorch's default init (as
-    CleanRL's critics do); `meta_samples` feed the kaiming hyper-init (unit Gaussian samples when None)."""
+    CleanRL's critics do); `meta_samples` feed the pytorch hyper-init (unit Gaussian samples when None)."""
     if args.critic in HYPER_CRITICS:
         meta_is_state = args.critic == "sa-hyper"
         critic = HyperCritic(obs_dim, act_dim, meta_is_state, args.hyper_embedding_dim, args.hyper_blocks, args.hyper_dynamic_hidden)
         if meta_samples is None:
             meta_samples = torch.randn(256, obs_dim if meta_is_state else act_dim)
-        init_hypernetwork(critic, args.hyper_init, meta_samples)
+        init_hypernetwork(critic, args.hyper_init, meta_samples, args.hyper_embedding_norm)
         return critic
     if args.critic == "resnet-features":
         return ResNetFeaturesCritic(obs_dim, act_dim, args.hyper_embedding_dim, args.hyper_blocks)
@@ -442,6 +454,25 @@ class frozen:
     def __exit__(self, *exc):
         for p in self.params:
             p.requires_grad_(True)
+
+
+SATURATED_PRE_TANH = 3.0  # tanh'(3) = 0.01: beyond this the squashed action barely follows its gradient
+
+
+def actor_saturation_diagnostics(actor: Actor, qf1: nn.Module, qf2: nn.Module, obs) -> tuple:
+    """What shows an actor being pulled to its action bounds:
+    - the fraction of the actor's pre-tanh means with |mean| > 3, where tanh' < 0.01;
+    - the sign agreement of d min(Q1, Q2)/da at the deterministic action across the batch,
+      |mean_s sign(dQ/da_j)| averaged over the action dimensions j: 1 when every state pushes a dimension
+      the same way (a critic whose maximum sits on the same bound everywhere), near 0 when the direction
+      depends on the state."""
+    with torch.no_grad():
+        mean, _ = actor(obs)
+    action = (torch.tanh(mean) * actor.action_scale + actor.action_bias).requires_grad_(True)
+    with torch.enable_grad(), frozen(qf1, qf2):
+        (grad,) = torch.autograd.grad(torch.min(qf1(obs, action), qf2(obs, action)).sum(), action)
+    saturation = (mean.abs() > SATURATED_PRE_TANH).float().mean().item()
+    return saturation, grad.sign().mean(0).abs().mean().item()
 
 
 def soft_td_target(rewards, terminations, next_q1, next_q2, next_log_prob, alpha, gamma):
@@ -512,7 +543,7 @@ def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device) -> li
 
 
 def collect_meta_samples(args: Args, env_id: str, n: int, seed: int) -> torch.Tensor:
-    """Meta-variable samples for the kaiming hyper-init, drawn as the critic first sees them: states
+    """Meta-variable samples for the pytorch hyper-init, drawn as the critic first sees them: states
     visited by uniform-random actions (sa-hyper) or uniform-random actions (as-hyper). Uses its own
     environment and seed, so it leaves the training environment's randomness untouched."""
     env = make_env(env_id)
@@ -553,12 +584,14 @@ def check_args(args: Args) -> None:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.alpha > 0:
         fail(f"--alpha must be positive, got {args.alpha}")
+    if not 0 < args.hyper_embedding_norm < float("inf"):
+        fail(f"--hyper-embedding-norm must be positive and finite, got {args.hyper_embedding_norm}")
 
 
 # Settings that change what a run computes; a resumed run must use the checkpoint's values.
 RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "buffer_size", "gamma", "tau", "batch_size",
                      "learning_starts", "policy_lr", "q_lr", "alpha", "autotune", "alpha_lr", "critic",
-                     "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init", "hyper_init_samples",
+                     "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init", "hyper_embedding_norm", "hyper_init_samples",
                      "mlp_large_width", "res35_blocks")  # fmt: skip
 
 
@@ -612,9 +645,9 @@ if __name__ == "__main__":
             fail(f"cannot load checkpoint {args.resume}: {e}")
         if not isinstance(checkpoint, dict) or "replay_buffer" not in checkpoint:
             fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
-        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"][k] != getattr(args, k)]
+        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"].get(k) != getattr(args, k)]
         if differing:
-            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]} (given {getattr(args, k)})" for k in differing)
+            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)} (given {getattr(args, k)})" for k in differing)
             fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
         run_name = checkpoint["run_name"]
     else:
@@ -635,7 +668,7 @@ if __name__ == "__main__":
 
     # ALGO LOGIC: initialize agent here
     meta_samples = None
-    if args.critic in HYPER_CRITICS and args.hyper_init == "kaiming":
+    if args.critic in HYPER_CRITICS and args.hyper_init == "pytorch":
         meta_samples = collect_meta_samples(args, args.env_id, args.hyper_init_samples, args.seed + 200)
     actor = Actor(obs_dim, act_dim, env.action_space.low, env.action_space.high).to(device)
     qf1 = make_critic(args, obs_dim, act_dim, meta_samples).to(device)
@@ -799,6 +832,9 @@ if __name__ == "__main__":
                 writer.add_scalar("losses/alpha", alpha, global_step)
                 if args.autotune:
                     writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
+                saturation, grad_agreement = actor_saturation_diagnostics(actor, qf1, qf2, b_obs)
+                writer.add_scalar("charts/actor_saturation", saturation, global_step)
+                writer.add_scalar("charts/action_grad_sign_agreement", grad_agreement, global_step)
 
         if args.eval_freq and global_step % args.eval_freq == 0:
             returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 100, device)

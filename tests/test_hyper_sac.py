@@ -87,24 +87,6 @@ def test_sa_hyper_gradient_depends_on_state():
     assert cos.masked_fill(torch.eye(8, dtype=torch.bool), 0).abs().max() < 0.95
 
 
-def _cheetah_states(n, seed):
-    return collect_meta_samples(Args(critic="sa-hyper"), "HalfCheetah-v4", n, seed)
-
-
-def test_kaiming_init_generates_kaiming_uniform_weights_on_real_halfcheetah_states():
-    torch.manual_seed(0)
-    args = Args(critic="sa-hyper")  # paper sizes
-    critic = make_critic(args, 17, 6, meta_samples=_cheetah_states(1000, seed=200))
-    with torch.no_grad():
-        (w1, b1, g1), (w2, b2, g2) = critic.dynamic_weights(_cheetah_states(2000, seed=7))  # other states
-    # Kaiming-uniform U(+-gain sqrt(3/fan_in)) has std gain / sqrt(fan_in)
-    assert w1.pow(2).mean().sqrt().item() == pytest.approx(math.sqrt(2 / 6), rel=0.15)  # ReLU layer, fan-in 6
-    assert w2.pow(2).mean().sqrt().item() == pytest.approx(1 / math.sqrt(256), rel=0.15)  # linear output, fan-in 256
-    assert abs(w1.mean().item()) < 0.1 * math.sqrt(2 / 6)
-    for t in (b1, g1, b2, g2):  # zero biases and unit gains at initialization
-        assert t.abs().max().item() == 0.0
-
-
 def test_authors_init_reproduces_the_released_constants():
     torch.manual_seed(0)
     critic = make_critic(Args(critic="sa-hyper", hyper_init="authors", hyper_embedding_dim=64), 17, 6)
@@ -118,6 +100,36 @@ def test_authors_init_reproduces_the_released_constants():
 
 
 # --- SAC pieces -------------------------------------------------------------------------------
+
+
+class _LinearInAction(torch.nn.Module):
+    """Q(s, a) = a . v(s) + offset: v is a fixed direction, or the state's first coordinates when None."""
+
+    def __init__(self, direction=None, offset=0.0):
+        super().__init__()
+        self.direction, self.offset = direction, offset
+        self.unused = torch.nn.Linear(1, 1)  # a parameter for frozen() to freeze
+
+    def forward(self, obs, act):
+        v = self.direction.expand_as(act) if self.direction is not None else obs[:, : act.shape[1]]
+        return (act * v).sum(1, keepdim=True) + self.offset
+
+
+def test_saturation_diagnostics_count_saturated_means_and_measure_gradient_agreement():
+    torch.manual_seed(0)
+    actor = Actor(4, 2, np.array([-1.0, -1.0]), np.array([1.0, 1.0]))
+    obs = torch.randn(512, 4)
+    with torch.no_grad():
+        actor.fc_mean.weight.zero_()
+        actor.fc_mean.bias.copy_(torch.tensor([5.0, 0.0]))  # first dimension saturated everywhere, second not
+    same_way, per_state = _LinearInAction(torch.tensor([1.0, -1.0])), _LinearInAction()
+    saturation, agreement = hyper_sac.actor_saturation_diagnostics(actor, same_way, same_way, obs)
+    assert saturation == 0.5 and agreement == 1.0  # every state pushes every dimension the same way
+    _, agreement = hyper_sac.actor_saturation_diagnostics(actor, per_state, per_state, obs)
+    assert agreement < 0.15  # the direction is the state's: random signs
+    # the gradient is that of min(Q1, Q2), the actor's objective: here Q2, 10 below Q1 everywhere
+    _, agreement = hyper_sac.actor_saturation_diagnostics(actor, _LinearInAction(offset=10.0), same_way, obs)
+    assert agreement == 1.0
 
 
 def test_tanh_log_prob_matches_a_transformed_distribution():
@@ -222,7 +234,8 @@ def test_cli_run_crosses_learning_start_an_eval_and_a_checkpoint(critic, tmp_pat
     assert "steps/s" in proc.stdout and "ETA" in proc.stdout
     run_dir = only_run_dir(tmp_path)
     tags = scalar_tags(run_dir)
-    for tag in ["charts/episodic_return", "charts/SPS", "losses/qf1_loss", "losses/qf2_values", "losses/actor_loss", "losses/alpha", "losses/alpha_loss", "eval/episodic_return"]:
+    for tag in ["charts/episodic_return", "charts/SPS", "losses/qf1_loss", "losses/qf2_values", "losses/actor_loss", "losses/alpha",
+                "losses/alpha_loss", "eval/episodic_return", "charts/actor_saturation", "charts/action_grad_sign_agreement"]:  # fmt: skip
         assert tag in tags
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["global_step"] == 300
     if critic == "mlp":
@@ -310,6 +323,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["--env-id", "CartPole-v1"], "Discrete action space"),
         (["--batch-size", "512", "--buffer-size", "256"], "larger than --buffer-size"),
         (["--hyper-embedding-dim", "30"], "multiple of 4"),
+        (["--hyper-embedding-norm", "nan"], "--hyper-embedding-norm must be positive and finite"),
         (["--total-timesteps", "0"], "--total-timesteps must be positive"),
         (["--resume", "missing.pt"], "cannot load checkpoint"),
         (["--eval-model", "missing.cleanrl_model"], "cannot load model"),

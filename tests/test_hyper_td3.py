@@ -98,23 +98,6 @@ def test_dynamic_forward_is_equation_1():
         torch.testing.assert_close(critic(s, a)[i], q)
 
 
-def _cheetah_states(n, seed):
-    return collect_meta_samples(Args(critic="sa-hyper"), "HalfCheetah-v4", n, seed)
-
-
-def test_kaiming_init_generates_kaiming_uniform_weights_on_real_halfcheetah_states():
-    torch.manual_seed(0)
-    critic = make_critic(Args(critic="sa-hyper"), 17, 6, meta_samples=_cheetah_states(1000, seed=200))  # paper sizes
-    with torch.no_grad():
-        (w1, b1, g1), (w2, b2, g2) = critic.dynamic_weights(_cheetah_states(2000, seed=7))  # other states
-    # Kaiming-uniform U(+-gain sqrt(3/fan_in)) has std gain / sqrt(fan_in)
-    assert w1.pow(2).mean().sqrt().item() == pytest.approx(math.sqrt(2 / 6), rel=0.15)  # ReLU layer, fan-in 6
-    assert w2.pow(2).mean().sqrt().item() == pytest.approx(1 / math.sqrt(256), rel=0.15)  # linear output, fan-in 256
-    assert abs(w1.mean().item()) < 0.1 * math.sqrt(2 / 6)
-    for t in (b1, g1, b2, g2):  # zero biases and unit gains at initialization
-        assert t.abs().max().item() == 0.0
-
-
 def test_authors_init_uses_the_td3_folders_constants():
     torch.manual_seed(0)
     critic = make_critic(Args(critic="sa-hyper", hyper_init="authors", hyper_embedding_dim=64), 17, 6)
@@ -238,6 +221,32 @@ def test_actor_loss_follows_q1_only():
     assert not torch.allclose(td3[-1], with_min[-1])  # min(Q1, Q2) would have followed the huge constant critic
 
 
+class _LinearInAction(torch.nn.Module):
+    """Q(s, a) = a . v(s): v is a fixed direction, or the state's first coordinates when None."""
+
+    def __init__(self, direction=None):
+        super().__init__()
+        self.direction = direction
+        self.unused = torch.nn.Linear(1, 1)  # a parameter for frozen() to freeze
+
+    def forward(self, obs, act):
+        v = self.direction.expand_as(act) if self.direction is not None else obs[:, : act.shape[1]]
+        return (act * v).sum(1, keepdim=True)
+
+
+def test_saturation_diagnostics_count_saturated_outputs_and_measure_gradient_agreement():
+    torch.manual_seed(0)
+    actor = Actor(4, 2, LOW, HIGH)
+    obs = torch.randn(512, 4)
+    with torch.no_grad():
+        actor.fc_mu.weight.zero_()
+        actor.fc_mu.bias.copy_(torch.tensor([-5.0, 0.0]))  # first dimension saturated everywhere, second not
+    saturation, agreement = hyper_td3.actor_saturation_diagnostics(actor, _LinearInAction(torch.tensor([1.0, -1.0])), obs)
+    assert saturation == 0.5 and agreement == 1.0  # every state pushes every dimension the same way
+    _, agreement = hyper_td3.actor_saturation_diagnostics(actor, _LinearInAction(), obs)
+    assert agreement < 0.15  # the direction is the state's: random signs
+
+
 @pytest.mark.parametrize("critic", ["sa-hyper", "as-hyper", "mlp"])
 def test_frozen_critic_actor_gradient_equals_the_naive_one(critic):
     torch.manual_seed(0)
@@ -295,7 +304,8 @@ def test_cli_run_crosses_learning_start_an_eval_and_a_checkpoint(critic, tmp_pat
     run_dir = only_run_dir(tmp_path)
     tags = scalar_tags(run_dir)
     for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_values", "losses/qf2_values",
-                "losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/actor_loss", "eval/episodic_return"]:  # fmt: skip
+                "losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/actor_loss", "eval/episodic_return",
+                "charts/actor_saturation", "charts/action_grad_sign_agreement"]:  # fmt: skip
         assert tag in tags
     checkpoint = load(os.path.join(run_dir, "checkpoint.pt"))
     assert checkpoint["global_step"] == 300 and checkpoint["critic_updates"] == 200
@@ -403,6 +413,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["--env-id", "CartPole-v1"], "Discrete action space"),
         (["--batch-size", "512", "--buffer-size", "256"], "larger than --buffer-size"),
         (["--hyper-embedding-dim", "30"], "multiple of 4"),
+        (["--hyper-embedding-norm", "-1"], "--hyper-embedding-norm must be positive and finite"),
         (["--total-timesteps", "0"], "--total-timesteps must be positive"),
         (["--policy-frequency", "0"], "--policy-frequency must be positive"),
         (["--noise-clip", "-0.5"], "--noise-clip must be >= 0"),
