@@ -50,5 +50,20 @@ class NaNRewardEnv(gym.Env):
         return self.np_random.normal(size=3).astype(np.float32), reward, False, False, {}
 
 
+class MatrixActionEnv(gym.Env):
+    """A 2x2 Box action space: not a flat action vector."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2, 2), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(3, dtype=np.float32), {}
+
+    def step(self, action):
+        return np.zeros(3, dtype=np.float32), 0.0, False, False, {}
+
+
 gym.register("CountingEnv-v0", entry_point=CountingEnv, max_episode_steps=5)
 gym.register("NaNRewardEnv-v0", entry_point=NaNRewardEnv, max_episode_steps=50)
+gym.register("MatrixActionEnv-v0", entry_point=MatrixActionEnv, max_episode_steps=50)

@@ -1,6 +1,8 @@
 import glob
+import importlib.util
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -214,12 +216,13 @@ def test_replay_buffer_round_trips_through_its_state_dict():
     assert rb.size == 10 and rewards.min() >= 3  # the three oldest were overwritten
 
 
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+def test_save_file_keeps_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
-    hyper_sac.atomic_save({"step": 1}, path)
+    hyper_sac.save_file({"step": 1}, path, kind="checkpoint")
     with pytest.raises(Exception):
-        hyper_sac.atomic_save({"step": 2, "bad": lambda: None}, path)  # lambdas cannot be pickled
-    assert torch.load(path)["step"] == 1
+        hyper_sac.save_file({"step": 2, "bad": lambda: None}, path, kind="checkpoint")  # lambdas cannot be pickled
+    assert hyper_sac.load_file(path, kinds=("checkpoint",))["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
 
 
 # --- end to end through the CLI ---------------------------------------------------------------
@@ -237,7 +240,7 @@ def test_cli_run_crosses_learning_start_an_eval_and_a_checkpoint(critic, tmp_pat
     for tag in ["charts/episodic_return", "charts/SPS", "losses/qf1_loss", "losses/qf2_values", "losses/actor_loss", "losses/alpha",
                 "losses/alpha_loss", "eval/episodic_return", "charts/actor_saturation", "charts/action_grad_sign_agreement"]:  # fmt: skip
         assert tag in tags
-    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["global_step"] == 300
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["global_step"] == 300
     if critic == "mlp":
         model = os.path.join(run_dir, "hyper_sac.cleanrl_model")
         proc = run(["--eval-model", model, "--eval-episodes", "2"], tmp_path)
@@ -253,17 +256,17 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     run([*common, "--total-timesteps", "400"], tmp_path / "a")
-    run([*common, "--total-timesteps", "230", "--checkpoint-freq", "1000"], tmp_path / "b")  # stops mid-episode
+    run([*common, "--total-timesteps", "233", "--checkpoint-freq", "1000"], tmp_path / "b")  # stops mid-episode
     checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
-    assert len(torch.load(checkpoint, weights_only=False)["episode_actions"]) > 0  # the env is replayed on resume
+    assert len(torch.load(checkpoint, weights_only=True)["env"]["actions"]) > 0  # the env is replayed on resume
     proc = run([*common, "--total-timesteps", "400", "--resume", checkpoint], tmp_path / "b")
     assert "resumed" in proc.stdout
     assert_same_models(tmp_path / "a", tmp_path / "b")
 
 
 def assert_same_models(dir_a, dir_b):
-    a = torch.load(os.path.join(only_run_dir(dir_a), "hyper_sac.cleanrl_model"), weights_only=False)
-    b = torch.load(os.path.join(only_run_dir(dir_b), "hyper_sac.cleanrl_model"), weights_only=False)
+    a = torch.load(os.path.join(only_run_dir(dir_a), "hyper_sac.cleanrl_model"), weights_only=True)
+    b = torch.load(os.path.join(only_run_dir(dir_b), "hyper_sac.cleanrl_model"), weights_only=True)
     for net in ("actor", "qf1", "qf2"):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
@@ -283,7 +286,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     proc.kill()
     proc.wait()
     checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == 170
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 170
     run([*common, "--total-timesteps", "330", "--resume", checkpoint], tmp_path / "b")
     assert_same_models(tmp_path / "a", tmp_path / "b")
 
@@ -298,7 +301,8 @@ def test_resume_refuses_different_settings(tmp_path):
 def test_truncation_stores_the_true_final_observation_and_termination_does_not_bootstrap(tmp_path):
     run(["--env-id", "tests.envs:CountingEnv-v0", "--critic", "mlp", "--total-timesteps", "40", "--learning-starts", "30",
          "--batch-size", "8", "--eval-freq", "0", "--checkpoint-freq", "40"], tmp_path)  # fmt: skip
-    rb = torch.load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"), weights_only=False)["replay_buffer"]
+    saved = torch.load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"), weights_only=True)["replay_buffer"]
+    rb = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
     t_next, parity, terminated = rb["next_obs"][:, 0], rb["next_obs"][:, 1], rb["terminations"][:, 0]
     assert rb["size"] == 40
     assert np.all(t_next > 0)  # never the reset observation
@@ -313,7 +317,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "non-finite qf1_loss" in proc.stderr and "at step" in proc.stderr and "intact" in proc.stderr
-    assert torch.load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"), weights_only=False)["global_step"] == 120
+    assert torch.load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"), weights_only=True)["global_step"] == 120
 
 
 @pytest.mark.parametrize(
@@ -323,10 +327,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["--env-id", "CartPole-v1"], "Discrete action space"),
         (["--batch-size", "512", "--buffer-size", "256"], "larger than --buffer-size"),
         (["--hyper-embedding-dim", "30"], "multiple of 4"),
-        (["--hyper-embedding-norm", "nan"], "--hyper-embedding-norm must be positive and finite"),
+        (["--hyper-embedding-norm", "nan"], "--hyper-embedding-norm must be a finite number"),
         (["--total-timesteps", "0"], "--total-timesteps must be positive"),
-        (["--resume", "missing.pt"], "cannot load checkpoint"),
-        (["--eval-model", "missing.cleanrl_model"], "cannot load model"),
+        (["--resume", "missing.pt"], "cannot load missing.pt: no such file"),
+        (["--eval-model", "missing.cleanrl_model"], "cannot load missing.cleanrl_model: no such file"),
     ],
 )
 def test_bad_input_gives_one_error_line_and_nonzero_exit(flags, message, tmp_path):
@@ -340,3 +344,149 @@ def test_bad_input_gives_one_error_line_and_nonzero_exit(flags, message, tmp_pat
 def test_unknown_critic_is_refused_with_the_valid_choices(tmp_path):
     proc = run(["--critic", "transformer"], tmp_path, check=False)
     assert proc.returncode != 0 and "sa-hyper" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- run infrastructure: safe files, unique run directories, exact resume, guards, clear errors ----------------------
+
+
+class _Payload:
+    """Unpickling it would create a marker file: a stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval-model"])
+def test_a_malicious_file_runs_nothing_and_gets_one_error_line(flag, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": hyper_sac.FILE_FORMAT, "actor": _Payload(str(marker))}, tmp_path / "evil.pt")
+    proc = run([flag, "evil.pt"], tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: cannot load evil.pt" in proc.stderr.strip().splitlines()[-1]
+    assert not marker.exists()
+
+
+def test_random_bytes_foreign_and_corrupted_files_are_refused(tmp_path):
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    torch.save({"actor": {}, "args": {}, "replay_buffer": {}}, tmp_path / "foreign.pt")  # an older or other script's file
+    run([*SMALL_RUN, "--critic", "mlp"], tmp_path)
+    checkpoint = os.path.join(only_run_dir(tmp_path), "checkpoint.pt")
+    contents = torch.load(checkpoint, weights_only=True)
+    contents["agent"]["actor"]["fc1.weight"][0, 0] += 1.0  # one weight changed, the stored digest kept
+    torch.save(contents, tmp_path / "corrupted.pt")
+    expected = {"random.pt": "not a checkpoint or model", "foreign.pt": "not a checkpoint or model written by this version",
+                "corrupted.pt": "corrupted"}  # fmt: skip
+    for name, message in expected.items():
+        for flag in ("--resume", "--eval-model"):
+            proc = run([*SMALL_RUN, "--critic", "mlp", flag, name], tmp_path, check=False)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_runs_started_together_get_their_own_directories(tmp_path):
+    args = [sys.executable, SCRIPT, "--num-threads", "1", *SMALL_RUN, "--critic", "mlp", "--total-timesteps", "120"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(3)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    run_dirs = glob.glob(str(tmp_path / "runs" / "*"))
+    assert len(run_dirs) == 3 and all(os.path.exists(os.path.join(d, "checkpoint.pt")) for d in run_dirs)
+    assert all("__mlp__" in d for d in run_dirs)  # the run name says which critic
+
+
+def test_a_checkpoint_from_the_first_episode_resumes_exactly(tmp_path):
+    common = [*RESUME_RUN, "--seed", "5"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run([*common, "--total-timesteps", "300"], tmp_path / "a")
+    run([*common, "--total-timesteps", "2", "--checkpoint-freq", "2"], tmp_path / "b")
+    checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
+    assert torch.load(checkpoint, weights_only=True)["env"]["start"]["seed"] == 5  # still the seeded first episode
+    run([*common, "--total-timesteps", "300", "--resume", checkpoint], tmp_path / "b")
+    assert_same_models(tmp_path / "a", tmp_path / "b")
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    common = [*RESUME_RUN, "--seed", "6", "--total-timesteps", "250"]
+    for name, eval_freq in (("a", "0"), ("b", "40")):
+        (tmp_path / name).mkdir()
+        run([*common, "--eval-freq", eval_freq], tmp_path / name)
+    assert_same_models(tmp_path / "a", tmp_path / "b")
+
+
+def test_resume_refuses_a_different_evaluation_setting(tmp_path):
+    run([*SMALL_RUN, "--critic", "mlp"], tmp_path)
+    checkpoint = os.path.join(only_run_dir(tmp_path), "checkpoint.pt")
+    proc = run([*SMALL_RUN, "--critic", "mlp", "--eval-episodes", "3", "--resume", checkpoint], tmp_path, check=False)
+    assert proc.returncode == 1 and "--eval-episodes 1 (given 3)" in proc.stderr
+
+
+def test_the_guard_stops_on_weights_that_a_step_made_non_finite():
+    weight = torch.nn.Parameter(torch.tensor([3.3e38]))
+    optimizer = torch.optim.Adam([weight], lr=3e37)
+    loss = -weight.sum()  # finite, and its step pushes the weight past the largest float32 (3.4e38)
+    with pytest.raises(hyper_sac.NonFinite, match="non-finite weights after the critic step"):
+        hyper_sac.guarded_step(optimizer, loss, "critic", qf1_loss=loss)
+    with pytest.raises(hyper_sac.NonFinite, match="non-finite qf1_loss"):
+        hyper_sac.guarded_step(optimizer, loss, "critic", qf1_loss=torch.tensor(float("nan")))
+
+
+def test_a_diverging_run_stops_with_one_error_line_and_keeps_a_finite_checkpoint(tmp_path):
+    proc = run([*SMALL_RUN, "--critic", "mlp", "--q-lr", "1e30", "--checkpoint-freq", "50"], tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "non-finite" in proc.stderr and "intact" in proc.stderr.strip().splitlines()[-1]
+    checkpoint = torch.load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"), weights_only=True)
+    assert all(torch.isfinite(t).all() for net in ("qf1", "qf2", "actor") for t in checkpoint["agent"][net].values())
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path):
+    common = [*RESUME_RUN, "--seed", "7", "--progress-freq", "10"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run([*common, "--total-timesteps", "300"], tmp_path / "a")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--num-threads", "1", *common, "--total-timesteps", "300", "--checkpoint-freq", "0"],
+                            cwd=tmp_path / "b", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:  # interrupt once learning has started
+        if line.startswith("step 150/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "--resume" in last
+    checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
+    assert f"--resume {checkpoint}" in last or "--resume runs/" in last
+    run([*common, "--total-timesteps", "300", "--resume", checkpoint], tmp_path / "b")
+    assert_same_models(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--policy-lr", "inf"], "--policy-lr must be a finite number"),
+        (["--alpha", "nan"], "--alpha must be a finite number"),
+        (["--exp-name", "a/b"], "--exp-name must be a plain name"),
+        (["--buffer-size", str(10**12), "--batch-size", "16"], "GiB for the replay buffer"),
+        (["--env-id", "tests.envs:MatrixActionEnv-v0"], "flat (1-D) Box action space"),
+    ],
+)
+def test_more_bad_input_gives_one_error_line(flags, message, tmp_path):
+    proc = run([*SMALL_RUN, *flags], tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
+
+
+def test_runs_being_a_file_gives_one_error_line(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    proc = run([*SMALL_RUN, "--critic", "mlp"], tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot create the run directory" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moviepy") is not None, reason="moviepy is installed")
+def test_capture_video_without_moviepy_gives_one_error_line(tmp_path):
+    proc = run(["--eval-model", "any.cleanrl_model", "--capture-video"], tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "needs moviepy" in proc.stderr
