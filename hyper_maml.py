@@ -27,14 +27,17 @@ policy and takes one TRPO step on the meta-objective; the test tasks are scored 
     python hyper_maml.py --policy context --variance-iters 1 100 200 400   # with the Fig. 5 experiment
     python hyper_maml.py --help                                       # every flag, with its meaning
 
-Defaults are the authors' (github keynans/HypeRL, MAML/main.py; research notes §2.1): meta-batch 40, 20 episodes per
-task, 400 meta-iterations, gamma 0.95, GAE lambda 1, inner step 0.1 (MLPs) or 5e-5 (Hyper), max KL 0.01, 10 CG
-iterations, damping 1e-5, 20 line-search steps of 0.8, 100-100 MLPs, 100 train and 20 test tasks, seed 0. CPU only.
+Defaults are the authors' (github keynans/HypeRL, MAML/main.py): meta-batch 40, 20 episodes per task, 400
+meta-iterations, gamma 0.95, GAE lambda 1, inner step 0.1 for the MLPs, max KL 0.01, 10 CG iterations, damping 1e-5, 20
+line-search steps of 0.8, 100-100 MLPs, 100 train and 20 test tasks, seed 0. CPU only. Hyper's inner step is not
+theirs: it goes with the initialization (`default_fast_lr`).
 
 Where this differs from the authors' MAML code (HypeRL MAML/, a fork of pytorch-maml-rl v1):
 
 - Truly second-order meta-gradient and Fisher (the graph runs through the inner step) unless --first-order; the
-  authors' policies ignored the adapted params, so their meta-update was effectively first-order (notes §2.4).
+  authors' policies ignored the adapted params (MAML/maml_rl/policies/normal_mlp.py and hyper_normal_mlp.py read
+  their own parameters; metalearner.py loads the adapted ones and restores them), so their meta-update was
+  effectively first-order.
 - Ant-Fwd-Back is a true forward/backward task (theirs rewarded running at +-1 rad); the contact cost is non-zero
   here (`TaskEnv`).
 - Gymnasium v4 observations (HalfCheetah 17-D, without their appended torso x, y, z), MuJoCo 3+, explicit 200-step
@@ -43,8 +46,12 @@ Where this differs from the authors' MAML code (HypeRL MAML/, a fork of pytorch-
   [0, 1], so Vel-Medium's test goals land near 1.0-1.2); directions are +-1 in both.
 - The inner step updates all parameters, as theirs (the whole primary network and heads for Hyper, and log-std).
 - TRPO's KL is KL(pi_old || pi_new), the direction of the TRPO paper; theirs was KL(pi_new || pi_old) (same Fisher).
-- Hyper initialization: --hyper-init kaiming (the paper's statement) by default; --hyper-init authors for their
-  constants. Task pools come from our own seeded generator, so the goals differ from theirs.
+- Hyper initialization and inner step: --hyper-init pytorch (default) makes the generated weights and biases match
+  PyTorch's default nn.Linear init on the train tasks' contexts, gains 1, and pairs it with an inner step of
+  0.05 / embedding_norm^2 = 7.8e-4, at which one inner step moves Hyper 1-2x as far (in KL) as Vanilla's 0.1 moves
+  Vanilla (`init_hypernetwork`, `default_fast_lr`). --hyper-init authors reproduces their constants with their inner
+  step 5e-5, at which the inner step barely changes the policy (KL ~1e-6).
+- Task pools come from our own seeded generator, so the goals differ from theirs.
 - Test evaluation (their protocol: 20 stochastic episodes per test task, before and after one inner step) runs every
   --eval-freq meta-iterations after the update, not every iteration; its env resets and noise are the same at every
   evaluation, and it does not touch the training randomness.
@@ -52,7 +59,7 @@ Where this differs from the authors' MAML code (HypeRL MAML/, a fork of pytorch-
 
 Where it differs from pytorch-maml-rl (tristandeleu, v1): all envs of a meta-batch step in lockstep in one process
 with one batched policy call per step (instead of a pool of worker processes); the authors' values above (20
-line-search steps instead of 15, inner step 0.1 / 5e-5 instead of 0.5, 400 meta-iterations instead of 200);
+line-search steps instead of 15, inner step 0.1 instead of 0.5 for the MLPs, 400 meta-iterations instead of 200);
 float32 observations; exact checkpoint/resume and a non-finite guard.
 """
 
@@ -75,7 +82,7 @@ from torch.func import functional_call
 from torch.utils.tensorboard import SummaryWriter
 
 
-# Task families (paper Sec. 5; research notes §1)
+# Task families (paper Sec. 5.1)
 #
 # Each family is gymnasium's HalfCheetah-v4 or Ant-v4 (dt = 5 x 0.01 s = 0.05 s) under `TaskEnv`, a wrapper that
 # clips the action, recomputes the reward for the current task, and ends episodes after 200 steps. Rewards, and where
@@ -243,7 +250,7 @@ def task_context(family: str, task: Task) -> np.ndarray:
     return np.array([2.0 * (task.goal - low) / (high - low) - 1.0], dtype=np.float32)
 
 
-# Policies (paper Sec. 4, eq. 16; research notes §2.3)
+# Policies (paper Sec. 4, eq. 16; keynans/HypeRL, MAML/maml_rl/policies/normal_mlp.py and hyper_normal_mlp.py)
 #
 # All three are Gaussian, pi(a|s, c) = N(mu(s, c), diag(sigma^2)), with a state- and task-independent log-std parameter
 # (init 0, clamped below at log 1e-6, the authors' NormalMLPPolicy and Hyper_Policy). Each is used in two stages, the
@@ -425,23 +432,33 @@ class HyperPolicy(GaussianPolicy):
         return TaskPolicy(partial(dynamic_forward, [head(e) for head in self.heads]), self.std())
 
 
-def init_hypernetwork(policy: HyperPolicy, scheme: Literal["kaiming", "authors"], meta_samples: torch.Tensor) -> None:
+def init_hypernetwork(policy: HyperPolicy, scheme: Literal["pytorch", "authors"], meta_samples: torch.Tensor,
+                      embedding_norm: float = 8.0) -> None:  # fmt: skip
     """Initialize the primary network and heads (log_std keeps 0).
 
-    kaiming (the paper, Sec. 5.2: "the initial dynamic weights distribution resembles, on average, Kaiming-uniform").
-    A generated weight is w = sum_k H_k e_k, with head weights H_k ~ U(-c, c) independent of the embedding e, so
-    averaged over tasks E[w^2] = (c^2 / 3) * d * E[e_k^2], with d the embedding width and E[e_k^2] the embedding's mean
-    square over the contexts. Kaiming-uniform for a dynamic layer with fan-in n has variance gain^2 / n (gain sqrt(2)
-    before a ReLU, 1 for the linear output layer). Equating the two gives
-        c = gain * sqrt(3 / n) / (sqrt(d) * rms(e)),
-    with rms(e) measured on `meta_samples`, the contexts of the train task pool. The primary layers use Kaiming-uniform
-    themselves (gain sqrt(2) after a ReLU, 1 for the stage projections that read the raw residual stream), with zero
-    biases. The bias and gain heads start at zero, so every task starts from a Kaiming-uniform dynamic network with
-    zero biases and unit gains, i.e. a freshly initialized MLP.
+    pytorch (default). The paper (Sec. 5.2) initializes the primary network so that "the initial dynamic weights
+    distribution resembles, on average, Kaiming-uniform". We take that to be PyTorch's default nn.Linear init,
+    U(+-1/sqrt(n)) for weights AND biases (n = fan-in), and match it on average over `meta_samples`, the oracle contexts
+    of the train task pool (for a direction family that is +-1 only, in the pool's proportions):
+    1. Primary layers keep PyTorch's default init, biases included. With zero biases every layer would be positively
+       homogeneous, so e(c) = |c| e(sign c) for a 1-D context: all velocity tasks on one side of c = 0 would get one
+       dynamic network up to scale, and v_goal = 1.5 (c = 0) the all-zero network. With the biases, e(c) is close to
+       e_0 + c e_1 with e_0 and e_1 of similar size: tasks get distinct networks, forward and backward nearly
+       unrelated ones. Then the last stage is rescaled so that the embedding has root-mean-square norm
+       `embedding_norm` over the samples: scaling a ReLU stage's input projection and every bias in it by k > 0
+       scales its output by exactly k.
+    2. Weight and bias heads: weights U(+-h), biases 0. A generated weight is W_ij = sum_k H_ijk e_k, so over the
+       contexts E[W_ij^2] = (h^2 / 3) E|e|^2, and h = 1 / (sqrt(n) * embedding_norm) gives 1 / (3n), the variance of
+       U(+-1/sqrt(n)). The dynamic network then starts like a 1-hidden-layer MLP with PyTorch's init; on HalfCheetah
+       states its mean |mu| is about 0.7x the Vanilla policy's (xavier weights, zero biases, 100-100), where the zero-
+       bias Kaiming init gave 3x and the authors' constants 0.1x.
+    3. Gain heads start at zero: every gain 1 + g(c) starts at exactly 1.
+    The embedding norm also sets the inner step: a plain gradient step of size alpha on the weight head moves the
+    generated weights by alpha |e|^2 times their own gradient (`default_fast_lr`).
 
-    authors: the constants of the authors' Hyper_Policy (research notes §2.3): primary weights U(+-1/(2 sqrt(fan_in)))
-    with PyTorch's default biases, every head weight U(+-0.05) (first layer) or U(+-0.008) (output layer), head
-    biases 0.
+    authors: the constants of the authors' Hyper_Policy (keynans/HypeRL, MAML/maml_rl/policies/hyper_normal_mlp.py):
+    primary weights U(+-1/(2 sqrt(fan_in))) with PyTorch's default biases, every head weight U(+-0.05) (first layer) or
+    U(+-0.008) (output layer), head biases 0.
     """
     with torch.no_grad():
         if scheme == "authors":
@@ -454,32 +471,36 @@ def init_hypernetwork(policy: HyperPolicy, scheme: Literal["kaiming", "authors"]
                     nn.init.uniform_(fc.weight, -bound, bound)
                     nn.init.zeros_(fc.bias)
             return
-        if scheme != "kaiming":
-            raise ValueError(f"unknown hyper init scheme {scheme!r}; choose kaiming or authors")
-        for layer in policy.primary.net:
-            # stage projections read the raw residual stream (gain 1); residual branches read ReLU outputs
-            fcs = [(layer, "linear")] if isinstance(layer, nn.Linear) else [(layer.fc1, "relu"), (layer.fc2, "relu")]
-            for fc, nonlinearity in fcs:
-                nn.init.kaiming_uniform_(fc.weight, nonlinearity=nonlinearity)
-                nn.init.zeros_(fc.bias)
-        e_rms = policy.primary(meta_samples).pow(2).mean().sqrt().item()
-        for i, head in enumerate(policy.heads):
-            gain = np.sqrt(2.0) if i < len(policy.heads) - 1 else 1.0
-            bound = gain * np.sqrt(3.0 / head.fan_in) / (np.sqrt(policy.primary.embedding_dim) * e_rms)
-            nn.init.uniform_(head.weight.weight, -bound, bound)
-            for fc in (head.bias, head.gain):
-                nn.init.zeros_(fc.weight)
+        if scheme != "pytorch":
+            raise ValueError(f"unknown hyper init scheme {scheme!r}; choose pytorch or authors")
+        for module in policy.primary.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        scale = embedding_norm / policy.primary(meta_samples).pow(2).sum(-1).mean().sqrt().item()
+        layers = list(policy.primary.net)
+        last_stage = layers[max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)) :]
+        last_stage[0].weight.mul_(scale)
+        for module in (m for layer in last_stage for m in layer.modules()):
+            if isinstance(module, nn.Linear):
+                module.bias.mul_(scale)
+        for head in policy.heads:
+            bound = 1.0 / (np.sqrt(head.fan_in) * embedding_norm)
+            for fc in (head.weight, head.bias):
+                nn.init.uniform_(fc.weight, -bound, bound)
+            nn.init.zeros_(head.gain.weight)
             for fc in (head.weight, head.bias, head.gain):
                 nn.init.zeros_(fc.bias)
 
 
-# MAML-TRPO building blocks (Finn, Abbeel & Levine 2017, Sec. 3.2 and 5.3; Schulman et al. 2015; research notes §2.2)
+# MAML-TRPO building blocks (Finn, Abbeel & Levine 2017, Sec. 3.2 and 5.3; Schulman et al. 2015; keynans/HypeRL,
+# MAML/maml_rl/metalearner.py)
 #
 # One meta-iteration: for each task of the meta-batch, adapt theta with one policy-gradient step on its train episodes
 # (eq. 1 of MAML: theta'_i = theta - alpha grad L_i(theta)); then one TRPO step on theta for the mean over tasks of the
 # surrogate loss of theta'_i(theta) on the task's valid episodes, under a mean-KL trust region. The graph runs through
 # the inner step, so the meta-gradient and the Fisher are second-order (the authors' code silently made them first-
-# order, research notes §2.4); first_order=True gives FOMAML. All tensors of one task: N episodes padded to T steps.
+# order, see the module docstring); first_order=True gives FOMAML. All tensors of one task: N episodes padded to T
+# steps.
 
 BASELINE_REG = 1e-5  # ridge coefficient of the authors' LinearFeatureBaseline
 BASELINE_REG_TRIES = 10  # multiply it by 10 while the regularized Gram matrix is numerically not positive definite
@@ -705,7 +726,7 @@ def trpo_step(params: dict, objective: Callable, max_kl: float = 0.01, damping: 
     return new_params, {**stats, "surrogate_before": before}
 
 
-# Sampling (research notes §2.2, §2.5)
+# Sampling (keynans/HypeRL, MAML/maml_rl/sampler.py and metalearner.py)
 #
 # The authors sample each task's 20 episodes in cpu_count - 1 worker processes. Here all B tasks x E episodes of a
 # call run in lockstep in this process, one env per episode (the envs are made once and reused), and the policy is
@@ -817,7 +838,7 @@ def sample_episodes(envs: list[TaskEnv], tasks: list[Task], policy: GaussianPoli
 
 
 def mean_return(episodes: list[Episodes]) -> float:
-    """The mean undiscounted episode return over all tasks' episodes (research notes §2.5)."""
+    """The mean undiscounted episode return over all tasks' episodes (keynans/HypeRL, MAML/main.py: total_rewards)."""
     return float(torch.cat([e.rewards.sum(1) for e in episodes]).double().mean())
 
 
@@ -825,30 +846,49 @@ def env_steps(episodes: list[Episodes]) -> int:
     return int(sum(e.mask.sum().item() for e in episodes))
 
 
-def adapted_for_sampling(policy: GaussianPolicy, contexts, episodes: list[Episodes], advantages, step_size: float):
-    """Yields each task's theta'_i = theta - alpha grad L_i(theta) (`adapt`), detached, one task at a time."""
+def inner_step_stats(policy: GaussianPolicy, adapted: dict, episodes: Episodes, context) -> dict:
+    """How far one inner step moved the policy on the states it adapted on (a step that is too small leaves MAML
+    nothing to meta-learn; one that is too large makes the adapted policy, and so the meta-objective, hypersensitive):
+    inner_kl = KL(pi_theta || pi_theta') summed over the action dims and averaged over valid steps, and the mean |mu|
+    over action dims and valid steps before (pre_mean_abs_mu) and after (post_mean_abs_mu) the step."""
+    with torch.no_grad():
+        pre, post = policy.distribution(episodes.obs, context), policy.distribution(episodes.obs, context, adapted)
+        return {"inner_kl": masked_mean(kl_divergence(pre, post).sum(-1), episodes.mask).item(),
+                "pre_mean_abs_mu": masked_mean(pre.mean.abs().mean(-1), episodes.mask).item(),
+                "post_mean_abs_mu": masked_mean(post.mean.abs().mean(-1), episodes.mask).item()}  # fmt: skip
+
+
+def adapted_for_sampling(policy: GaussianPolicy, contexts, episodes: list[Episodes], advantages, step_size: float,
+                         inner_steps: list):  # fmt: skip
+    """Yields each task's theta'_i = theta - alpha grad L_i(theta) (`adapt`), detached, one task at a time, and
+    appends its `inner_step_stats` to inner_steps."""
     for context, task_episodes, task_advantages in zip(contexts, episodes, advantages):
         adapted = adapt(policy, None, task_episodes, context, task_advantages, step_size, first_order=True)
-        yield {name: p.detach() for name, p in adapted.items()}
+        adapted = {name: p.detach() for name, p in adapted.items()}
+        inner_steps.append(inner_step_stats(policy, adapted, task_episodes, context))
+        yield adapted
 
 
 def pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam):
-    """MAML's per-task data (research notes §2.2 and §2.5): n_episodes episodes with theta (pre-adaptation), their
-    advantages, one inner step per task on them, and n_episodes episodes with each task's theta'_i (post-adaptation).
-    Returns (pre episodes, pre advantages, post episodes), lists over the tasks."""
+    """MAML's per-task data (keynans/HypeRL, MAML/maml_rl/metalearner.py: sample): n_episodes episodes with theta
+    (pre-adaptation), their advantages, one inner step per task on them, and n_episodes episodes with each task's
+    theta'_i (post-adaptation). Returns (pre episodes, pre advantages, post episodes, inner steps): lists over the
+    tasks, and a dict of float64 tensors over the tasks with the keys of `inner_step_stats`."""
     contexts = task_contexts(envs[0].family, tasks)
     pre = sample_episodes(envs, tasks, policy, None, n_episodes, rng)
     pre_advantages = [episode_advantages(episodes, gamma, lam) for episodes in pre]
-    adapted = adapted_for_sampling(policy, contexts, pre, pre_advantages, step_size)
+    inner_steps = []
+    adapted = adapted_for_sampling(policy, contexts, pre, pre_advantages, step_size, inner_steps)
     post = sample_episodes(envs, tasks, policy, adapted, n_episodes, rng)
-    return pre, pre_advantages, post
+    stats = {key: torch.tensor([step[key] for step in inner_steps], dtype=torch.float64) for key in inner_steps[0]}
+    return pre, pre_advantages, post, stats
 
 
 def evaluate(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam) -> tuple[float, float, int]:
-    """The authors' test protocol (research notes §2.5) on the given test tasks: the mean undiscounted return of
-    n_episodes stochastic episodes per task with theta (pre-adaptation) and with theta'_i after one inner step on
-    those episodes (post-adaptation). Returns (pre return, post return, env steps)."""
-    pre, _, post = pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam)
+    """The authors' test protocol (keynans/HypeRL, MAML/maml_rl/metalearner.py: evaluate_task) on the given test
+    tasks: the mean undiscounted return of n_episodes stochastic episodes per task with theta (pre-adaptation) and with
+    theta'_i after one inner step on those episodes (post-adaptation). Returns (pre return, post return, env steps)."""
+    pre, _, post, _ = pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam)
     return mean_return(pre), mean_return(post), env_steps(pre) + env_steps(post)
 
 
@@ -858,23 +898,26 @@ def variance_experiment(envs, tasks, policy, n_samples, n_episodes, rng, step_si
     The gradient step is MAML's inner policy-gradient step, the one the meta-policy is trained to take: for sample
     s = 1 .. n_samples, sample n_episodes fresh episodes per task with theta, take theta'_{s,i} = theta - fast_lr *
     grad L_i(theta) per task (`adapt`, REINFORCE loss with the linear-baseline advantages, all parameters, fast_lr the
-    run's inner step size: 0.1 for Vanilla/Context and 5e-5 for Hyper by default), then score the updated policies by
-    R_s, the mean undiscounted return of n_episodes fresh episodes per task with theta'_{s,i}. The spread of R_s over
-    the samples is the paper's surrogate for the gradient noise. The return of the pre-update episodes is kept too:
-    its spread is the evaluation noise alone, the floor under the spread of R_s (with Hyper's small fast_lr the step
-    changes the policy little, so the two are close).
+    run's inner step size, `default_fast_lr` unless given), then score the updated policies by R_s, the mean
+    undiscounted return of n_episodes fresh episodes per task with theta'_{s,i}. The spread of R_s over the samples is
+    the paper's surrogate for the gradient noise. The return of the pre-update episodes is kept too: its spread is the
+    evaluation noise alone, the floor under the spread of R_s. So is the size of each step, the mean over tasks of
+    KL(pi_theta || pi_theta'_{s,i}): a policy whose steps barely move it shows little spread for that reason alone.
 
-    Returns float64 tensors: post_returns (S,), pre_returns (S,), post_task_returns (S, n_tasks), and env_steps."""
-    post_returns, pre_returns, post_task_returns, steps = [], [], [], 0
+    Returns float64 tensors: post_returns (S,), pre_returns (S,), post_task_returns (S, n_tasks), inner_kl (S,), and
+    env_steps."""
+    post_returns, pre_returns, post_task_returns, inner_kl, steps = [], [], [], [], 0
     for _ in range(n_samples):
-        pre, _, post = pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam)
+        pre, _, post, inner = pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam)
         pre_returns.append(mean_return(pre))
         post_returns.append(mean_return(post))
         post_task_returns.append([e.rewards.sum(1).double().mean().item() for e in post])
+        inner_kl.append(inner["inner_kl"].mean().item())
         steps += env_steps(pre) + env_steps(post)
     as_tensor = partial(torch.tensor, dtype=torch.float64)
     return {"post_returns": as_tensor(post_returns), "pre_returns": as_tensor(pre_returns),
-            "post_task_returns": as_tensor(post_task_returns), "env_steps": steps}  # fmt: skip
+            "post_task_returns": as_tensor(post_task_returns), "inner_kl": as_tensor(inner_kl),
+            "env_steps": steps}  # fmt: skip
 
 
 # The run: arguments, checks, saving
@@ -916,7 +959,7 @@ class Args:
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
 
-    # --- algorithm (MAML-TRPO; the authors' defaults, research notes §2.1) ---
+    # --- algorithm (MAML-TRPO; the authors' defaults, keynans/HypeRL MAML/main.py) ---
     env_id: FamilyName = "HalfCheetahVel"
     """the task family"""
     num_batches: int = 400
@@ -934,7 +977,7 @@ class Args:
     gae_lambda: float = 1.0
     """lambda of generalized advantage estimation (the authors' tau)"""
     fast_lr: Optional[float] = None
-    """step size of the inner policy-gradient step; default 0.1 for vanilla/context and 5e-5 for hyper (the authors')"""
+    """inner policy-gradient step size; default 0.1 (MLPs), 0.05 / norm^2 (hyper, pytorch init), 5e-5 (hyper, authors init)"""
     first_order: bool = False
     """first-order MAML: no graph through the inner step (the authors' code was effectively first-order)"""
     max_kl: float = 0.01
@@ -959,8 +1002,10 @@ class Args:
     """residual blocks per stage of the primary network (paper: 2)"""
     hyper_dynamic_hidden: int = 256
     """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
-    hyper_init: Literal["kaiming", "authors"] = "kaiming"
-    """kaiming: dynamic weights resemble Kaiming-uniform on average (paper); authors: the released code's constants"""
+    hyper_init: Literal["pytorch", "authors"] = "pytorch"
+    """pytorch: generated weights and biases like nn.Linear's init on the train contexts, gains 1; authors: released constants"""
+    hyper_embedding_norm: float = 8.0
+    """--hyper-init pytorch: rms norm of the embedding over the train contexts; Hyper's default --fast-lr is 0.05 / norm^2"""
 
 
 def check_args(args: Args) -> None:
@@ -983,6 +1028,8 @@ def check_args(args: Args) -> None:
         fail(f"--ls-backtrack-ratio must be in (0, 1), got {args.ls_backtrack_ratio}")
     if args.fast_lr is not None and not (args.fast_lr > 0 and np.isfinite(args.fast_lr)):
         fail(f"--fast-lr must be positive, got {args.fast_lr}")
+    if not 0.0 < args.hyper_embedding_norm < float("inf"):
+        fail(f"--hyper-embedding-norm must be positive and finite, got {args.hyper_embedding_norm}")
     if args.eval_tasks is not None and not 0 < args.eval_tasks <= args.num_test_tasks:
         fail(f"--eval-tasks must be in [1, --num-test-tasks {args.num_test_tasks}], got {args.eval_tasks}")
     if args.variance_tasks > args.num_train_tasks:
@@ -992,9 +1039,28 @@ def check_args(args: Args) -> None:
         fail(f"--variance-iters must lie in [1, --num-batches {args.num_batches}], got {', '.join(map(str, outside))}")
 
 
-def default_fast_lr(policy: str) -> float:
-    """The authors' inner step sizes (research notes §2.1): fast-lr 0.1 for the MLPs, fast-hyper-lr 5e-5 for Hyper."""
-    return 5e-5 if policy == "hyper" else 0.1
+MLP_FAST_LR = 0.1  # the authors' fast-lr of Vanilla and Context (keynans/HypeRL, MAML/main.py)
+AUTHORS_HYPER_FAST_LR = 5e-5  # the authors' fast-hyper-lr, tuned with their Hyper_Policy constants
+HYPER_GENERATED_STEP = 0.05  # fast_lr * |e|^2 for --hyper-init pytorch, see default_fast_lr
+
+
+def default_fast_lr(policy: str, hyper_init: str = "pytorch", embedding_norm: float = 8.0) -> float:
+    """The inner step size when --fast-lr is not given.
+
+    Vanilla and Context: the authors' 0.1. Hyper with --hyper-init pytorch: 0.05 / embedding_norm^2 (7.8e-4 at the
+    default norm 8). The inner step is plain gradient descent on all parameters, and its step on a weight head H moves
+    the generated weights W = H e by -alpha (dL/dW e^T) e = -alpha |e|^2 dL/dW: the dynamic network takes a gradient
+    step of its own of size alpha |e|^2 where an MLP takes alpha. The heads carry nearly all of the step (the primary
+    network's share of the inner-step KL is about 1% at norm 8), so alpha |e|^2 = 0.05 fixes it whatever the norm.
+    0.05 rather than Vanilla's 0.1 because, measured at init on HalfCheetah, alpha |e|^2 = 0.1 moves Hyper about 4x as
+    far in KL(pre || post) as fast_lr 0.1 moves Vanilla, and 0.05 1-2x as far (docs/hyper_maml.md, adaptation/inner_kl).
+
+    Hyper with --hyper-init authors: their 5e-5. Their constants give an embedding of rms norm about 2 on these
+    contexts, so alpha |e|^2 is about 2e-4 and one inner step barely moves the policy (KL about 1e-6).
+    """
+    if policy != "hyper":
+        return MLP_FAST_LR
+    return AUTHORS_HYPER_FAST_LR if hyper_init == "authors" else HYPER_GENERATED_STEP / embedding_norm**2
 
 
 def make_policy(args: Args, obs_dim: int, act_dim: int, train_contexts: torch.Tensor) -> GaussianPolicy:
@@ -1004,15 +1070,16 @@ def make_policy(args: Args, obs_dim: int, act_dim: int, train_contexts: torch.Te
         return ContextPolicy(obs_dim, act_dim, train_contexts.shape[-1], args.hidden_sizes)
     policy = HyperPolicy(obs_dim, act_dim, train_contexts.shape[-1], args.hyper_embedding_dim, args.hyper_blocks,
                          args.hyper_dynamic_hidden)  # fmt: skip
-    init_hypernetwork(policy, args.hyper_init, train_contexts)  # kaiming measures the embedding on the train contexts
+    init_hypernetwork(policy, args.hyper_init, train_contexts, args.hyper_embedding_norm)
     return policy
 
 
 # Settings that change what a run computes; a resumed run must use the checkpoint's values.
+# The inner step size is compared as used (explicit or default), since the defaults can change between versions.
 RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "policy", "meta_batch_size", "fast_batch_size",
-                     "num_train_tasks", "num_test_tasks", "gamma", "gae_lambda", "fast_lr", "first_order", "max_kl",
-                     "cg_iters", "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "hidden_sizes",
-                     "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init")  # fmt: skip
+                     "num_train_tasks", "num_test_tasks", "gamma", "gae_lambda", "first_order", "max_kl", "cg_iters",
+                     "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "hidden_sizes", "hyper_embedding_dim",
+                     "hyper_blocks", "hyper_dynamic_hidden", "hyper_init", "hyper_embedding_norm")  # fmt: skip
 # independent numpy streams: np.random.default_rng([seed, stream]) (the task pools use default_rng(seed) itself)
 TASK_STREAM, SAMPLER_STREAM, EVAL_STREAM, VARIANCE_STREAM = 1, 2, 3, 4
 
@@ -1036,6 +1103,8 @@ def format_duration(seconds: float) -> str:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
+    fast_lr = args.fast_lr if args.fast_lr is not None else default_fast_lr(args.policy, args.hyper_init,
+                                                                            args.hyper_embedding_norm)  # fmt: skip
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
@@ -1047,16 +1116,17 @@ if __name__ == "__main__":
             fail(f"cannot load checkpoint {args.resume}: {e}")
         if not isinstance(checkpoint, dict) or "sampler_rng" not in checkpoint or "policy" not in checkpoint:
             fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
-        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"][k] != getattr(args, k)]
+        made_with = {**{k: checkpoint["args"].get(k) for k in RESUME_MUST_MATCH}, "fast_lr": checkpoint.get("fast_lr")}
+        given = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "fast_lr": fast_lr}
+        differing = [k for k in made_with if made_with[k] != given[k]]  # a setting the checkpoint lacks differs too
         if differing:
-            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]} (given {getattr(args, k)})" for k in differing)
+            listing = ", ".join(f"--{k.replace('_', '-')} {made_with[k]} (given {given[k]})" for k in differing)
             fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
         if checkpoint["iteration"] >= args.num_batches:
             fail(f"the checkpoint is at meta-iteration {checkpoint['iteration']}; pass --num-batches above it to continue")
         run_name = checkpoint["run_name"]
     else:
         run_name = f"{args.env_id}__{args.exp_name}__{args.policy}__{args.seed}__{int(time.time())}"
-    fast_lr = args.fast_lr if args.fast_lr is not None else default_fast_lr(args.policy)
     eval_tasks = args.eval_tasks if args.eval_tasks is not None else args.num_test_tasks
 
     # TRY NOT TO MODIFY: seeding
@@ -1134,13 +1204,15 @@ if __name__ == "__main__":
                 writer.add_scalar("variance/return_mean", result["post_returns"].mean().item(), iteration)
                 writer.add_scalar("variance/return_std", result["post_returns"].std(unbiased=False).item(), iteration)
                 writer.add_scalar("variance/pre_return_std", result["pre_returns"].std(unbiased=False).item(), iteration)
+                writer.add_scalar("variance/inner_kl", result["inner_kl"].mean().item(), iteration)
                 atomic_save({"iterations": variance_results, "tasks": [task.goal for task in train_tasks[: args.variance_tasks]],
                              "fast_lr": fast_lr, "args": vars(args)}, variance_path)  # fmt: skip
 
-            # ALGO LOGIC: one MAML-TRPO meta-iteration (research notes §2.2)
+            # ALGO LOGIC: one MAML-TRPO meta-iteration (MAML Sec. 3.2 and 5.3)
             sampling_start = time.time()
             tasks = [train_tasks[i] for i in task_rng.integers(0, len(train_tasks), size=args.meta_batch_size)]
-            train, train_advantages, valid = pre_and_post_adaptation(envs, tasks, policy, args.fast_batch_size, sampler_rng, fast_lr, args.gamma, args.gae_lambda)
+            train, train_advantages, valid, inner_steps = pre_and_post_adaptation(
+                envs, tasks, policy, args.fast_batch_size, sampler_rng, fast_lr, args.gamma, args.gae_lambda)
             sampling_seconds = time.time() - sampling_start
         except FloatingPointError as e:
             stop(str(e), iteration)
@@ -1176,6 +1248,8 @@ if __name__ == "__main__":
         iteration_seconds = time.time() - iteration_start
         writer.add_scalar("charts/pre_adaptation_return", pre_return, iteration)
         writer.add_scalar("charts/post_adaptation_return", post_return, iteration)
+        for key, values in inner_steps.items():  # means over the meta-batch's tasks
+            writer.add_scalar(f"adaptation/{key}", values.mean().item(), iteration)
         writer.add_scalar("losses/surrogate_before", stats["surrogate_before"], iteration)
         writer.add_scalar("losses/surrogate_after", stats["surrogate"], iteration)
         writer.add_scalar("losses/kl", stats["kl"], iteration)
@@ -1191,7 +1265,8 @@ if __name__ == "__main__":
             sps = interval_steps / max(now - interval_start, 1e-9)
             eta = format_duration((args.num_batches - iteration) * (now - start_time) / (iteration - start_iteration))
             fields = [f"iteration {iteration}/{args.num_batches}", f"{seconds_per_iteration:.1f} s/it", f"{sps:.0f} env steps/s",
-                      f"ETA {eta}", f"pre {pre_return:.1f}", f"post {post_return:.1f}"]  # fmt: skip
+                      f"ETA {eta}", f"pre {pre_return:.1f}", f"post {post_return:.1f}",
+                      f"inner KL {inner_steps['inner_kl'].mean().item():.3g}"]  # fmt: skip
             if np.isfinite(last_eval[0]):
                 fields.append(f"eval pre {last_eval[0]:.1f} post {last_eval[1]:.1f}")
             print(" | ".join(fields), flush=True)

@@ -12,10 +12,10 @@ import hyper_maml
 from hyper_maml import (FAMILIES, FAMILY_SPECS, LOG_STD_MIN, Args, ContextPolicy, Episodes, HyperPolicy, MetaTask, Task,
                         VanillaPolicy, adapt, ant_is_healthy, check_args, conjugate_gradient, default_fast_lr,
                         episode_advantages, family_spec, fisher_vector_product, gae_advantages, init_hypernetwork,
-                        inner_loss, line_search, linear_feature_baseline, make_task_env, make_task_envs, make_task_pool,
-                        mean_kl, mean_return, meta_objective, pre_and_post_adaptation, sample_episodes,
-                        stack_task_policies, surrogate_loss, task_context, task_contexts, trpo_step,
-                        variance_experiment)
+                        inner_loss, inner_step_stats, line_search, linear_feature_baseline, make_policy, make_task_env,
+                        make_task_envs, make_task_pool, masked_mean, mean_kl, mean_return, meta_objective,
+                        pre_and_post_adaptation, sample_episodes, stack_task_policies, surrogate_loss, task_context,
+                        task_contexts, trpo_step, variance_experiment)
 from functools import partial
 
 from tests.cli import cached_runs, only_run_dir, run_script
@@ -264,6 +264,7 @@ def test_unknown_family_fails_with_one_error_line(call, capsys):
 # --- policies ---------------------------------------------------------------------------------
 
 OBS, ACT = 3, 2
+SIZES = {"HalfCheetah": (17, 6), "Ant": (27, 8)}  # observation and action sizes of the robots
 
 
 def tiny_policy(kind, dtype=torch.float64, seed=0):
@@ -274,7 +275,7 @@ def tiny_policy(kind, dtype=torch.float64, seed=0):
         policy = ContextPolicy(OBS, ACT, hidden=(5, 4))
     else:
         policy = HyperPolicy(OBS, ACT, embedding_dim=16, blocks=1, dynamic_hidden=5)
-        init_hypernetwork(policy, "kaiming", torch.linspace(-1.0, 1.0, 9).view(-1, 1))
+        init_hypernetwork(policy, "pytorch", torch.linspace(-1.0, 1.0, 9).view(-1, 1))
     with torch.no_grad():
         policy.log_std.copy_(torch.linspace(-0.5, 0.3, ACT))
     return policy.to(dtype)
@@ -346,7 +347,8 @@ def test_explicit_params_act_as_loaded_params_and_keep_their_graph(kind):
 
 def test_vanilla_and_context_policies_are_the_authors_mlp():
     vanilla, context = VanillaPolicy(20, 6), ContextPolicy(20, 6, context_dim=1)
-    # research notes §2.3: 12,812 (obs 20, act 6) and 13,716 (27, 8) parameters
+    # the authors' NormalMLPPolicy (keynans/HypeRL, MAML/maml_rl/policies/normal_mlp.py): 12,812 (obs 20, act 6) and
+    # 13,716 (27, 8) parameters
     assert sum(p.numel() for p in vanilla.parameters()) == 12812
     assert sum(p.numel() for p in VanillaPolicy(27, 8).parameters()) == 13716
     assert sum(p.numel() for p in context.parameters()) == 12812 + 100
@@ -372,7 +374,8 @@ def test_context_policy_depends_on_the_context_and_vanilla_does_not():
 
 def test_hyper_policy_has_the_authors_architecture():
     policy = HyperPolicy(20, 6)
-    # research notes §2.3: 13.53 M parameters for obs 20, act 6, of which the primary network is 6.17 M
+    # the authors' Hyper_Policy (keynans/HypeRL, MAML/maml_rl/policies/hyper_normal_mlp.py): 13.53 M parameters for
+    # obs 20, act 6, of which the primary network is 6.17 M
     assert sum(p.numel() for p in policy.parameters()) == 13529106
     assert sum(p.numel() for p in policy.primary.parameters()) == 6169600
     assert [(h.fan_in, h.fan_out) for h in policy.heads] == [(20, 256), (256, 6)]
@@ -381,22 +384,70 @@ def test_hyper_policy_has_the_authors_architecture():
     assert dist.mean.shape == dist.stddev.shape == (4, 200, 6)
 
 
-def test_kaiming_hyper_init_generates_kaiming_uniform_dynamic_weights_over_the_train_contexts():
-    torch.manual_seed(0)
-    train, _ = make_task_pool("HalfCheetahVel", seed=0)
-    contexts = torch.tensor(np.stack([task_context("HalfCheetahVel", task) for task in train]))
-    policy = HyperPolicy(17, 6)
-    init_hypernetwork(policy, "kaiming", contexts)
+def train_pool_policy(family, seed=0, **settings):
+    """A Hyper policy for the family's observations and actions as `make_policy` builds it (paper sizes unless
+    `settings` say otherwise), calibrated on the contexts of the family's train pool; returns (policy, contexts)."""
+    train, _ = make_task_pool(family, seed=0)
+    contexts = task_contexts(family, train)
+    torch.manual_seed(seed)
+    obs_dim, act_dim = SIZES[ROBOT[family]]
+    return make_policy(Args(policy="hyper", **settings), obs_dim, act_dim, contexts), contexts
+
+
+def generated(policy, contexts):
+    """[(W, b, g) of each dynamic layer] for each context of contexts (B, 1)."""
     with torch.no_grad():
-        e = policy.primary(contexts)
-        (w1, b1, g1), (w2, b2, g2) = (head(e) for head in policy.heads)
+        return [head(policy.primary(contexts)) for head in policy.heads]
+
+
+def rms(x):
+    return x.pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("family", ["HalfCheetahVel", "HalfCheetahFwdBack"])
+def test_pytorch_hyper_init_generates_nn_linear_like_weights_and_biases_on_the_train_contexts(family):
+    policy, contexts = train_pool_policy(family)
+    (w1, b1, g1), (w2, b2, g2) = generated(policy, contexts)
     assert w1.shape == (100, 256, 17) and w2.shape == (100, 6, 256)
-    # Kaiming-uniform: rms sqrt(2 / fan_in) before the ReLU, sqrt(1 / fan_in) for the linear output layer
-    assert w1.pow(2).mean().sqrt().item() == pytest.approx(np.sqrt(2.0 / 17), rel=0.05)
-    assert w2.pow(2).mean().sqrt().item() == pytest.approx(np.sqrt(1.0 / 256), rel=0.05)
-    for generated in (b1, g1, b2, g2):
-        assert torch.equal(generated, torch.zeros_like(generated))  # zero biases, unit gains (1 + g)
-    assert w1.std(0).mean() > 0.1 * w1.abs().mean()  # the weights do depend on the context
+    with torch.no_grad():
+        assert policy.primary(contexts).pow(2).sum(-1).mean().sqrt().item() == pytest.approx(8.0, rel=1e-4)
+    # nn.Linear's default U(+-1/sqrt(fan_in)) for weights and biases: rms 1/sqrt(3 fan_in), on average over the tasks
+    for tensor in (w1, b1):
+        assert rms(tensor) == pytest.approx(1 / np.sqrt(3 * 17), rel=0.1)
+    assert rms(w2) == pytest.approx(1 / np.sqrt(3 * 256), rel=0.1)
+    assert 0.3 / np.sqrt(3 * 256) < rms(b2) < 3 / np.sqrt(3 * 256)  # 6 numbers per task: a loose check
+    for gain in (g1, g2):  # every gain 1 + g starts at exactly 1
+        assert gain.abs().max().item() == 0.0
+
+
+def test_pytorch_hyper_init_keeps_nn_linear_scale_at_another_embedding_norm():
+    policy, contexts = train_pool_policy("HalfCheetahVel", hyper_embedding_dim=256, hyper_embedding_norm=2.0)
+    with torch.no_grad():
+        assert policy.primary(contexts).pow(2).sum(-1).mean().sqrt().item() == pytest.approx(2.0, rel=1e-4)
+    (w1, b1, _), (w2, _, _) = generated(policy, contexts)
+    for tensor in (w1, b1):
+        assert rms(tensor) == pytest.approx(1 / np.sqrt(3 * 17), rel=0.1)
+    assert rms(w2) == pytest.approx(1 / np.sqrt(3 * 256), rel=0.1)
+
+
+def test_contexts_give_distinct_dynamic_networks_not_rescaled_copies():
+    # With zero biases in the primary network, e(c) = |c| e(sign c): velocity tasks on one side of 1.5 m/s (context 0)
+    # shared one dynamic network up to scale, and 1.5 m/s got the all-zero network.
+    policy, contexts = train_pool_policy("HalfCheetahVel")
+    (w1_pool, b1_pool, _), _ = generated(policy, contexts)
+    velocities = torch.tensor([[2 * v / 3 - 1] for v in (0.3, 0.9, 1.5, 2.0, 2.9)])
+    (w1, b1, _), (w2, _, _) = generated(policy, velocities)
+    for weights in (w1.flatten(1), w2.flatten(1)):
+        for i, j in [(0, 1), (3, 4)]:  # two tasks below 1.5 m/s, two above
+            a, b = weights[i], weights[j]
+            sine = (1 - (a @ b / (a.norm() * b.norm())) ** 2).clamp(min=0).sqrt().item()
+            assert sine > 0.1  # |b - s a| > 0.1 |b| for every scale s: not a rescaled copy
+    assert rms(w1[2]) > 0.5 * rms(w1_pool) and rms(b1[2]) > 0.5 * rms(b1_pool)  # 1.5 m/s has a network of its own
+    # forward and backward get nearly unrelated networks
+    policy, _ = train_pool_policy("HalfCheetahFwdBack", hyper_embedding_dim=256)
+    (w1, _, _), _ = generated(policy, torch.tensor([[1.0], [-1.0]]))
+    forward, backward = w1.flatten(1)
+    assert (forward @ backward / (forward.norm() * backward.norm())).abs().item() < 0.5
 
 
 def test_authors_hyper_init_uses_their_constants():
@@ -411,7 +462,7 @@ def test_authors_hyper_init_uses_their_constants():
         for fc in (head.weight, head.bias, head.gain):
             assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.8 * bound
             assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
-    with pytest.raises(ValueError, match="kaiming or authors"):
+    with pytest.raises(ValueError, match="pytorch or authors"):
         init_hypernetwork(policy, "xavier", torch.zeros(1, 1))
 
 
@@ -570,7 +621,7 @@ def test_adapt_takes_one_gradient_step_on_every_parameter():
         assert adapted.keys() == params.keys()
         for (name, p), g in zip(params.items(), grads):
             torch.testing.assert_close(adapted[name], p - 0.3 * g)
-            assert g.abs().sum() > 0 or name.endswith(("bias.weight", "gain.weight"))  # zero-initialised heads
+            assert g.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("kind", ["vanilla", "context", "hyper"])
@@ -611,6 +662,23 @@ def test_kl_is_from_old_to_new_summed_over_actions_and_surrogate_weights_advanta
     torch.testing.assert_close(loss, -2.0 * advantages.sum() / 16)
 
 
+def test_inner_step_stats_are_the_kl_from_before_to_after_the_step_and_the_mean_abs_mu():
+    policy, episodes, context = tiny_policy("context"), random_episodes(), torch.tensor([0.3], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    adapted = {k: v.detach() + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in policy.named_parameters()}
+    stats = inner_step_stats(policy, adapted, episodes, context)
+    with torch.no_grad():
+        pre, post = policy.distribution(episodes.obs, context), policy.distribution(episodes.obs, context, adapted)
+    mu_pre, mu_post, std_pre, std_post = pre.mean, post.mean, pre.stddev, post.stddev
+    assert not torch.allclose(std_pre, std_post)  # so that the direction of the KL matters
+    valid_mean = lambda x: ((x * episodes.mask).sum() / 16).item()  # noqa: E731  (16 valid steps)
+    # closed form KL(N_pre || N_post) per dimension, summed over the action dims
+    kl = torch.log(std_post / std_pre) + (std_pre**2 + (mu_pre - mu_post) ** 2) / (2 * std_post**2) - 0.5
+    assert stats["inner_kl"] == pytest.approx(valid_mean(kl.sum(-1)), rel=1e-9)
+    assert stats["pre_mean_abs_mu"] == pytest.approx(valid_mean(mu_pre.abs().mean(-1)), rel=1e-9)
+    assert stats["post_mean_abs_mu"] == pytest.approx(valid_mean(mu_post.abs().mean(-1)), rel=1e-9)
+
+
 def test_meta_objective_starts_at_ratio_one_with_zero_kl():
     policy = tiny_policy("context")
     params = dict(policy.named_parameters())
@@ -638,8 +706,6 @@ def test_trpo_step_on_a_meta_batch_improves_the_surrogate_within_the_trust_regio
 
 # --- sampler ----------------------------------------------------------------------------------
 
-SIZES = {"HalfCheetah": (17, 6), "Ant": (27, 8)}
-
 
 def env_policy(kind, family="HalfCheetahVel", seed=0):
     """A small policy with the family's real observation and action sizes."""
@@ -647,7 +713,7 @@ def env_policy(kind, family="HalfCheetahVel", seed=0):
     torch.manual_seed(seed)
     if kind == "hyper":
         policy = HyperPolicy(obs_dim, act_dim, embedding_dim=16, blocks=1, dynamic_hidden=8)
-        init_hypernetwork(policy, "kaiming", torch.linspace(-1.0, 1.0, 9).view(-1, 1))
+        init_hypernetwork(policy, "pytorch", torch.linspace(-1.0, 1.0, 9).view(-1, 1))
         return policy
     return (VanillaPolicy if kind == "vanilla" else ContextPolicy)(obs_dim, act_dim, hidden=(8,))
 
@@ -780,7 +846,7 @@ def test_sampling_is_reproducible_from_the_generator_alone():
 def test_post_adaptation_episodes_come_from_each_tasks_adapted_policy():
     policy, tasks, n = env_policy("context"), [Task(0.5), Task(2.5)], 2
     envs = make_task_envs("HalfCheetahVel", 4)
-    pre, advantages, post = pre_and_post_adaptation(envs, tasks, policy, n, np.random.default_rng(3), 0.1, 0.95, 1.0)
+    pre, advantages, post, inner = pre_and_post_adaptation(envs, tasks, policy, n, np.random.default_rng(3), 0.1, 0.95, 1.0)
     rng = np.random.default_rng(3)
     pre_again = sample_episodes(envs, tasks, policy, None, n, rng)
     contexts = task_contexts("HalfCheetahVel", tasks)
@@ -796,6 +862,8 @@ def test_post_adaptation_episodes_come_from_each_tasks_adapted_policy():
             theta = policy.distribution(post[b].obs, contexts[b])
         torch.testing.assert_close(post[b].actions, own.mean + own.stddev * torch.from_numpy(noise[b]), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(post[b].actions, theta.mean + theta.stddev * torch.from_numpy(noise[b]), rtol=1e-3, atol=1e-3)
+        stats = inner_step_stats(policy, adapted[b], pre_again[b], contexts[b])  # each task's own step, on its own states
+        assert {key: values[b].item() for key, values in inner.items()} == pytest.approx(stats, rel=1e-6)
 
 
 def test_sampler_refuses_a_non_finite_action_before_stepping_the_env():
@@ -809,13 +877,73 @@ def test_sampler_refuses_a_non_finite_action_before_stepping_the_env():
     assert len(logs[0]) == 1  # reset only
 
 
-def test_variance_experiment_takes_independent_inner_steps():
-    policy, tasks = env_policy("hyper"), [Task(0.5), Task(2.5)]
-    result = variance_experiment(make_task_envs("HalfCheetahVel", 4), tasks, policy, 3, 2, np.random.default_rng(0), 5e-5, 0.95, 1.0)
-    assert result["post_returns"].shape == result["pre_returns"].shape == (3,)
-    assert result["post_task_returns"].shape == (3, 2) and result["env_steps"] == 3 * 2 * 4 * 200
+def test_variance_experiment_scores_each_sample_after_its_own_inner_step():
+    policy, tasks, n, fast_lr = env_policy("hyper"), [Task(0.5), Task(2.5)], 2, default_fast_lr("hyper")
+    envs = make_task_envs("HalfCheetahVel", 4)
+    result = variance_experiment(envs, tasks, policy, 2, n, np.random.default_rng(0), fast_lr, 0.95, 1.0)
+    assert result["post_returns"].shape == result["pre_returns"].shape == result["inner_kl"].shape == (2,)
+    assert result["post_task_returns"].shape == (2, 2) and result["env_steps"] == 2 * 2 * 4 * 200
     torch.testing.assert_close(result["post_task_returns"].mean(1), result["post_returns"])
-    assert len(set(result["post_returns"].tolist())) == 3 and len(set(result["pre_returns"].tolist())) == 3  # fresh episodes each
+    # replay the generator: each sample draws fresh episodes with theta, steps every task on its own episodes, and
+    # scores the stepped policies on fresh episodes
+    rng, contexts = np.random.default_rng(0), task_contexts("HalfCheetahVel", tasks)
+    for s in range(2):
+        pre = sample_episodes(envs, tasks, policy, None, n, rng)
+        adapted = [adapt(policy, None, e, c, episode_advantages(e), fast_lr, first_order=True) for e, c in zip(pre, contexts)]
+        unadapted = sample_episodes(envs, tasks, policy, None, n, copy.deepcopy(rng))
+        post = sample_episodes(envs, tasks, policy, adapted, n, rng)
+        assert result["pre_returns"][s].item() == pytest.approx(mean_return(pre), rel=1e-9)
+        own = torch.tensor([e.rewards.sum(1).double().mean().item() for e in post], dtype=torch.float64)
+        torch.testing.assert_close(result["post_task_returns"][s], own)
+        without_step = torch.tensor([e.rewards.sum(1).double().mean().item() for e in unadapted], dtype=torch.float64)
+        assert (result["post_task_returns"][s] - without_step).abs().max() > 1.0  # the step changed what was scored
+        kls = [inner_step_stats(policy, a, e, c)["inner_kl"] for a, e, c in zip(adapted, pre, contexts)]
+        assert result["inner_kl"][s].item() == pytest.approx(np.mean(kls), rel=1e-6) and min(kls) > 0
+
+
+# --- the policies at initialization, at the defaults -------------------------------------------
+
+
+def default_policy(kind, family, seed=0):
+    """The policy `make_policy` builds at the default settings (paper sizes) for the family, and its fast_lr."""
+    args = Args(policy=kind, env_id=family)
+    obs_dim, act_dim = SIZES[ROBOT[family]]
+    torch.manual_seed(seed)
+    policy = make_policy(args, obs_dim, act_dim, task_contexts(family, make_task_pool(family, seed=args.seed)[0]))
+    return policy, default_fast_lr(kind, args.hyper_init, args.hyper_embedding_norm)
+
+
+def mean_abs_mu(policy, episodes, contexts):
+    with torch.no_grad():
+        means = [policy.distribution(e.obs, c).mean.abs().mean(-1) for e, c in zip(episodes, contexts)]
+    return np.mean([masked_mean(m, e.mask).item() for m, e in zip(means, episodes)])
+
+
+def test_untrained_hyper_acts_on_the_scale_of_vanilla():
+    # Mean |mu| on the same states (where an untrained Vanilla policy goes), averaged over three inits. The zero-bias
+    # kaiming init started Hyper at 3x Vanilla's (actions clipped, a higher control cost), the authors' constants at a
+    # tenth of it.
+    family, tasks = "HalfCheetahFwdBack", [Task(1.0), Task(-1.0)]
+    contexts = task_contexts(family, tasks)
+    episodes = sample_episodes(make_task_envs(family, 4), tasks, default_policy("vanilla", family)[0], None, 2,
+                               np.random.default_rng(0))  # fmt: skip
+    scale = {kind: np.mean([mean_abs_mu(default_policy(kind, family, seed)[0], episodes, contexts) for seed in range(3)])
+             for kind in ("vanilla", "hyper")}  # fmt: skip
+    assert 0.5 < scale["hyper"] / scale["vanilla"] < 2.0, scale
+
+
+def test_default_inner_step_moves_hyper_about_as_far_as_vanilla():
+    # KL(pre || post) of one inner step at the defaults, each policy on its own episodes. The zero-bias kaiming init
+    # with the authors' 5e-5 moved Hyper by KL ~1e5 (a bang-bang adapted policy that froze the meta-update); the
+    # authors' constants with 5e-5 move it by ~1e-6 (no adaptation at all).
+    family, tasks, args = "HalfCheetahVel", [Task(0.5), Task(2.5)], Args()
+    envs, kl = make_task_envs(family, 2 * args.fast_batch_size), {}
+    for kind in ("vanilla", "hyper"):
+        policy, fast_lr = default_policy(kind, family)
+        *_, inner = pre_and_post_adaptation(envs, tasks, policy, args.fast_batch_size, np.random.default_rng(0), fast_lr,
+                                            args.gamma, args.gae_lambda)  # fmt: skip
+        kl[kind] = inner["inner_kl"].mean().item()
+    assert 0.1 < kl["hyper"] / kl["vanilla"] < 10.0, kl
 
 
 # --- arguments --------------------------------------------------------------------------------
@@ -836,6 +964,7 @@ def test_variance_experiment_takes_independent_inner_steps():
         ({"gamma": 0.0}, "--gamma must be in (0, 1]"),
         ({"ls_backtrack_ratio": 1.0}, "--ls-backtrack-ratio must be in (0, 1)"),
         ({"fast_lr": 0.0}, "--fast-lr must be positive"),
+        ({"hyper_embedding_norm": 0.0}, "--hyper-embedding-norm must be positive and finite"),
         ({"eval_tasks": 21}, "--eval-tasks must be in [1, --num-test-tasks 20]"),
         ({"variance_tasks": 101}, "larger than --num-train-tasks 100"),
         ({"variance_iters": (1, 401)}, "--variance-iters must lie in [1, --num-batches 400], got 401"),
@@ -855,7 +984,12 @@ def test_default_args_are_the_authors_and_pass_the_checks():
     assert (args.seed, args.env_id, args.policy, args.num_batches, args.meta_batch_size, args.fast_batch_size) == (0, "HalfCheetahVel", "hyper", 400, 40, 20)
     assert (args.gamma, args.gae_lambda, args.max_kl, args.cg_iters, args.cg_damping, args.ls_max_steps, args.ls_backtrack_ratio) == (0.95, 1.0, 0.01, 10, 1e-5, 20, 0.8)
     assert args.hidden_sizes == (100, 100) and (args.num_train_tasks, args.num_test_tasks) == (100, 20)
-    assert default_fast_lr("hyper") == 5e-5 and default_fast_lr("vanilla") == default_fast_lr("context") == 0.1
+    assert args.hyper_init == "pytorch" and args.hyper_embedding_norm == 8.0 and args.fast_lr is None
+    assert default_fast_lr("vanilla") == default_fast_lr("context") == 0.1
+    assert default_fast_lr("hyper", "authors", 8.0) == 5e-5  # the released inner step, with the released constants
+    # the generated weights' step is fast_lr * norm^2 (default_fast_lr), kept at 0.05 whatever the norm
+    assert default_fast_lr("hyper", "pytorch", 8.0) == pytest.approx(0.05 / 64)
+    assert default_fast_lr("hyper", "pytorch", 4.0) == pytest.approx(4 * default_fast_lr("hyper", "pytorch", 8.0))
 
 
 # --- end to end through the CLI ---------------------------------------------------------------
@@ -866,7 +1000,8 @@ SMALL_RUN = ["--meta-batch-size", "2", "--fast-batch-size", "2", "--num-batches"
              "--variance-samples", "3", "--variance-tasks", "2", "--checkpoint-freq", "2", "--save-model",
              "--hyper-embedding-dim", "16", "--hyper-blocks", "1", "--hyper-dynamic-hidden", "8"]  # fmt: skip
 TRAIN_TAGS = ["charts/pre_adaptation_return", "charts/post_adaptation_return", "losses/surrogate_before",
-              "losses/surrogate_after", "losses/kl", "losses/line_search_steps", "charts/SPS", "charts/iteration_seconds"]  # fmt: skip
+              "losses/surrogate_after", "losses/kl", "losses/line_search_steps", "charts/SPS", "charts/iteration_seconds",
+              "adaptation/inner_kl", "adaptation/pre_mean_abs_mu", "adaptation/post_mean_abs_mu"]  # fmt: skip
 
 
 run = partial(run_script, SCRIPT)
@@ -900,9 +1035,10 @@ def test_cli_run_trains_evaluates_and_logs_every_tag(policy, small_runs):
         assert abs(before) < 1e-5  # at theta_old the surrogate is -mean(normalized advantages) = 0
         assert (after < before and 0 < kl <= 0.01) if steps >= 0 else (after == before and kl == 0)
     assert all(-1500 < value < 0 for _, value in tags["charts/pre_adaptation_return"])  # -|v - v_goal| - ctrl over 200 steps
+    assert all(0 < value < 100 for _, value in tags["adaptation/inner_kl"])  # every inner step moved the policy
     model = torch.load(os.path.join(run_dir, "hyper_maml.cleanrl_model"), weights_only=False)
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    assert model["args"]["policy"] == policy and model["fast_lr"] == (5e-5 if policy == "hyper" else 0.1)
+    assert model["args"]["policy"] == policy and model["fast_lr"] == default_fast_lr(policy)
     assert checkpoint["iteration"] == 2 and all(torch.equal(model["policy"][k], v) for k, v in checkpoint["policy"].items())
     assert len(checkpoint["train_tasks"]) == 6 and len(checkpoint["test_tasks"]) == 3
 
@@ -917,6 +1053,7 @@ def test_cli_variance_experiment_saves_its_samples_and_logs_mean_and_std(policy,
     tags, _ = scalars(run_dir)
     assert tags["variance/return_mean"] == [(2, pytest.approx(result["post_returns"].mean().item(), rel=1e-5))]
     assert tags["variance/return_std"] == [(2, pytest.approx(result["post_returns"].std(unbiased=False).item(), rel=1e-5))]
+    assert tags["variance/inner_kl"] == [(2, pytest.approx(result["inner_kl"].mean().item(), rel=1e-5))]
 
 
 def test_resumed_run_equals_an_uninterrupted_one(small_runs, tmp_path):
@@ -940,9 +1077,25 @@ def test_resumed_run_equals_an_uninterrupted_one(small_runs, tmp_path):
 def test_resume_refuses_different_settings(small_runs, tmp_path):
     _, run_dir = small_runs("hyper")
     proc = run([*SMALL_RUN, "--policy", "hyper", "--num-batches", "3", "--gamma", "0.9", "--max-kl", "0.02",
-                "--resume", os.path.join(run_dir, "checkpoint.pt")], tmp_path, check=False)  # fmt: skip
+                "--hyper-embedding-norm", "4", "--resume", os.path.join(run_dir, "checkpoint.pt")],
+               tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: the checkpoint was made with different settings: --gamma 0.95 (given 0.9), --max-kl 0.01 (given 0.02)")
+    # the inner step size is compared as used: here the default, 0.05 / norm^2, changes with the norm
+    assert proc.stderr.startswith("error: the checkpoint was made with different settings: --gamma 0.95 (given 0.9), "
+                                  "--max-kl 0.01 (given 0.02), --hyper-embedding-norm 8.0 (given 4.0), "
+                                  "--fast-lr 0.00078125 (given 0.003125)")  # fmt: skip
+
+
+def test_resume_refuses_a_checkpoint_without_a_newer_setting(small_runs, tmp_path):
+    _, run_dir = small_runs("hyper")
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    del checkpoint["args"]["hyper_embedding_norm"]  # as written before the setting existed
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    resume = ["--resume", str(tmp_path / "checkpoint.pt")]
+    proc = run([*SMALL_RUN, "--policy", "hyper", "--num-batches", "3", *resume], tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr == ("error: the checkpoint was made with different settings: --hyper-embedding-norm None (given 8.0); "
+                           "pass the same settings to resume\n")  # fmt: skip
 
 
 def test_non_finite_policy_stops_the_run_naming_the_iteration_and_keeps_the_checkpoint(small_runs, tmp_path):
