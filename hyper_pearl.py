@@ -23,31 +23,36 @@ out-of-distribution Half-Cheetah-Vel-Medium.
     python hyper_pearl.py --env-id HalfCheetahVel --model mlp       # PEARL
     python hyper_pearl.py --env-id HalfCheetahVelMedium --model hyper   # out-of-distribution test tasks (Fig. 7)
 
-Defaults are PEARL's (github katerakelly/oyster, configs/default.py and configs/*.json; research notes §3.1) with the
-authors' changes (github keynans/HypeRL, PEARL/; notes §3.2): latent 5, context encoder 3 x 200 over (s, a, r), KL
-weight 0.1, 200-step episodes, 100 train and 30 test tasks for the velocity families, the two directions as both train
-and test tasks for the direction families. CPU only.
+Defaults are PEARL's (github katerakelly/oyster, configs/default.py and configs/*.json) with the authors' changes
+(github keynans/HypeRL, PEARL/configs/ and PEARL/torch/sac/sac.py): latent 5, context encoder 3 x 200 over (s, a, r),
+KL weight 0.1, 200-step episodes, 100 train and 30 test tasks for the velocity families, the two directions as both
+train and test tasks for the direction families. CPU only.
 
 Where this differs from the authors' PEARL code (HypeRL PEARL/, a fork of oyster):
 
-- Velocity task pools come from our own seeded generator; theirs were unseeded (the seeding line is commented out and
-  the env is built before the global seed is set), so their goals changed from run to run (notes §1.3-1.5).
-- The velocity families train on 100 tasks and evaluate on 30. The authors' launcher read the task counts from the
-  top-level config keys (2 and 2) while their JSONs set 100/30 only inside env_params, so their released code trained
-  on tasks[0:2] and evaluated on tasks[128:130] (notes §1.6); that bug is not inherited.
+- Velocity task pools come from our own seeded generator; theirs were unseeded (in their
+  torch/envs/mojoco/half_cheetah_vel*.py and ant_vel.py the seeding line is commented out, and launch_experiment.py
+  builds the env before it sets the global seed), so their goals changed from run to run.
+- The velocity families train on 100 tasks and evaluate on 30. Their launch_experiment.py reads the task counts from
+  the top-level config keys (2 and 2 in configs/default.py) while their JSONs set 100/30 only inside env_params, so
+  their released code trained on tasks[0:2] and evaluated on tasks[128:130]; that bug is not inherited.
 - Ant-Fwd-Back is a true forward/backward task (theirs rewarded running at +-1 rad), and the contact cost is non-zero
   here (`TaskEnv`).
 - Gymnasium v4 observations (HalfCheetah 17-D, without their appended torso x, y, z), MuJoCo 3+, explicit 200-step
   episodes, actions clipped to [-1, 1] before the env as their NormalizedBoxEnv did.
 - A trajectory that ends by termination (Ant falling) keeps its last transition, stored with d = 1; their rollout
-  dropped it (notes §3.2).
+  (PEARL/torch/samplers/util.py) dropped it.
 - Hyper-PEARL's policy generates its dynamic weights once per task (per trajectory when acting, per task of the
   meta-batch when training), where theirs generated them per transition; the numbers are the same. The V target and
   the policy loss evaluate Q with its parameters frozen (theirs also disabled Q's grads there). Their
   torch.autograd.set_detect_anomaly(True), which only slows training, is not carried over.
-- The tanh log-prob correction is exact (no 1e-6 inside the log) and the hypernetworks start from the paper's
-  Kaiming-like init (`init_hypernetwork`), with the policy's mean and log-std layers generated like PEARL's U(+-1e-3)
-  heads; `--hyper-init authors` gives the released constants.
+- The tanh log-prob correction is exact (no 1e-6 inside the log).
+- Initialization (`init_hypernetwork`): by default the generated weights and biases match PyTorch's default
+  nn.Linear init on the meta variables each network first sees (states for Q and V; prior and posterior z for the
+  policy, whose input projection is scaled so that both generate networks of the same scale), gains start at 1, and
+  the generated output layers start like the PEARL layers they replace (U(+-3e-3) for Q and V, U(+-1e-3) for the
+  policy's mean and log-std); `--hyper-init authors` gives the released constants.
+- rlkit's `fanin_init`, PEARL's hidden-layer init, is read as written (`fanin_uniform_`).
 - Not logged: oyster's AverageTrainReturn_all_train_tasks (train tasks with a posterior from the encoder buffer) and
   its per-iteration online-return files; eval/test_return_trajectory_k gives the online returns instead.
 """
@@ -69,7 +74,7 @@ from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
 
 
-# Task families (paper Sec. 5; research notes §1)
+# Task families (paper Sec. 5)
 #
 # Each family is gymnasium's HalfCheetah-v4 or Ant-v4 (dt = 5 x 0.01 s = 0.05 s) under `TaskEnv`, a wrapper that
 # clips the action, recomputes the reward for the current task, and ends episodes after 200 steps (PEARL's
@@ -222,7 +227,7 @@ def make_task_pool(family: str, seed: int, n_train: int = VELOCITY_TASKS[0],
 
     Where this differs from the authors' PEARL code: their velocity goals came from the unseeded global numpy RNG
     (oyster's cheetah-vel seeded it with 1337), so they differ from ours and from run to run; and their launcher's
-    task-count bug trained on tasks[0:2] and evaluated on tasks[128:130] (notes §1.6), where here the velocity
+    task-count bug trained on tasks[0:2] and evaluated on tasks[128:130] (module docstring), where here the velocity
     families really train on 100 tasks and evaluate on 30 others.
     """
     spec = family_spec(family)
@@ -243,7 +248,8 @@ def make_task_pool(family: str, seed: int, n_train: int = VELOCITY_TASKS[0],
 # MlpEncoder; use_next_obs_in_context False). Each transition gives an independent Gaussian factor N(mu_n, sigma_n^2);
 # the posterior is their product (the information bottleneck, use_information_bottleneck True), which is invariant to
 # the order of the transitions; the prior is N(0, I), and KL_LAMBDA * KL(q(z | c) || N(0, I)) joins the critic's loss
-# (the encoder is trained by the Q loss and this KL only). The encoder stays an MLP in Hyper-PEARL (notes §3.2).
+# (the encoder is trained by the Q loss and this KL only). The encoder stays an MLP in Hyper-PEARL (HypeRL
+# PEARL/launch_experiment.py builds MlpEncoder in both cases).
 
 LATENT_DIM = 5  # PEARL's latent_size (oyster configs/default.py)
 KL_LAMBDA = 0.1  # PEARL's kl_lambda, the weight of the KL term (oyster configs/default.py; unchanged in HypeRL)
@@ -292,8 +298,10 @@ def kl_to_prior(posterior: Normal) -> torch.Tensor:
 
 
 def fanin_uniform_(weight: torch.Tensor) -> None:
-    """rlkit's fanin_init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in the layer's input width."""
-    bound = 1.0 / np.sqrt(weight.shape[1])
+    """rlkit's fanin_init (oyster rlkit/torch/pytorch_util.py), PEARL's hidden-layer init, as written: U(+-1/sqrt(f))
+    with f = weight.size(0) for a 2-D weight. rlkit calls f "fan_in", but nn.Linear stores its weight as (out, in), so
+    f is the layer's output width: a 24 -> 200 encoder layer gets bound 1/sqrt(200), not 1/sqrt(24)."""
+    bound = 1.0 / np.sqrt(weight.shape[0])
     nn.init.uniform_(weight, -bound, bound)
 
 
@@ -301,8 +309,8 @@ class ContextEncoder(nn.Module):
     """PEARL's context encoder: an MLP over single transitions (s, a, r) giving each a Gaussian factor over z.
 
     `layers` hidden layers of `hidden` units with ReLU (3 x 200), then a linear head of 2 * latent_dim: the factor's
-    mean, and its variance through softplus, clamped at 1e-7. Initialised as rlkit's Mlp: hidden weights fan-in
-    uniform with bias 0.1, the head U(-3e-3, 3e-3) for weights and bias.
+    mean, and its variance through softplus, clamped at 1e-7. Initialised as rlkit's Mlp: hidden weights
+    `fanin_uniform_` with bias 0.1, the head U(-3e-3, 3e-3) for weights and bias.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = LATENT_DIM, hidden: int = ENCODER_HIDDEN,
@@ -343,10 +351,10 @@ class ContextEncoder(nn.Module):
 
 # Networks: PEARL's MLPs and Hyper-PEARL's hypernetworks (paper Sec. 5)
 #
-# PEARL (oyster launch_experiment.py, rlkit networks.py / sac/policies.py; notes §3.1): Q1, Q2 over [s, a, z], V over
-# [s, z] and a tanh-Gaussian policy over [s, z], each 3 x 300 ReLU, initialised as rlkit's Mlp (hidden weights fan-in
-# uniform, bias 0.1; last layer U(+-3e-3), the policy's mean and log-std heads U(+-1e-3), TanhGaussianPolicy's init_w).
-# Hyper-PEARL (HypeRL PEARL/torch/sac/hyper_*.py; notes §3.2): the policy's meta variable is z and its base the state;
+# PEARL (oyster launch_experiment.py, rlkit/torch/networks.py, rlkit/torch/sac/policies.py): Q1, Q2 over [s, a, z],
+# V over [s, z] and a tanh-Gaussian policy over [s, z], each 3 x 300 ReLU, initialised as rlkit's Mlp (hidden weights
+# `fanin_uniform_`, bias 0.1; last layer U(+-3e-3), the policy's mean and log-std heads U(+-1e-3), TanhGaussianPolicy's
+# init_w). Hyper-PEARL (HypeRL PEARL/torch/sac/hyper_*.py): the policy's meta variable is z and its base the state;
 # Q's meta variable is the state and its base [a, z]; V's meta the state and base z. Each has the primary network of
 # hyper_td3.py / hyper_maml.py (stages d/4, d/2, d with 2 residual blocks each, d = 1024) and a dynamic network with one
 # 256-unit hidden layer; the policy has two output layers, a mean and a generated (state- and task-dependent) log-std.
@@ -358,7 +366,7 @@ REWARD_SCALE = 5.0  # PEARL's reward_scale (oyster configs/default.py; no env ov
 PEARL_LR = 3e-4  # PEARL's policy_lr = qf_lr = vf_lr = context_lr (oyster configs/default.py)
 HYPER_CRITIC_LR = 5e-5  # Hyper-PEARL's Q1, Q2 and V lr, HypeRL's hyper_lr (PEARL/configs/default.py, sac.py)
 HYPER_POLICY_LR = 1e-4  # Hyper-PEARL's policy lr, hard-coded in HypeRL PEARL/torch/sac/sac.py
-HYPER_CONTEXT_LR = 3e-4  # Hyper-PEARL keeps PEARL's context_lr (notes §3.2)
+HYPER_CONTEXT_LR = 3e-4  # Hyper-PEARL keeps PEARL's context_lr (HypeRL PEARL/torch/sac/sac.py)
 NET_SIZE, NET_LAYERS = 300, 3  # PEARL's net_size: 3 hidden layers of 300 for policy, Q1, Q2 and V
 LAST_LAYER_INIT = 3e-3  # rlkit Mlp's init_w: Q and V output layers U(+-3e-3)
 POLICY_HEAD_INIT = 1e-3  # rlkit TanhGaussianPolicy's init_w: mean and log-std heads U(+-1e-3)
@@ -384,7 +392,7 @@ def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[tor
 
 
 def rlkit_mlp(in_dim: int, hidden: int, layers: int) -> nn.Sequential:
-    """`layers` hidden ReLU layers of `hidden` units, fan-in uniform weights and bias 0.1 (rlkit's Mlp hidden layers)."""
+    """`layers` hidden ReLU layers of `hidden` units, `fanin_uniform_` weights, bias 0.1 (rlkit's Mlp hidden layers)."""
     modules, width_in = [], in_dim
     for _ in range(layers):
         fc = nn.Linear(width_in, hidden)
@@ -494,11 +502,11 @@ class PrimaryNetwork(nn.Module):
 
 class DynamicLayerHeads(nn.Module):
     """Three parallel linear heads of the embedding giving one dynamic layer's weight W (out x in), bias b and gain g
-    (paper Sec. 2). `relu_after` says whether a ReLU follows the layer (it sets the layer's Kaiming gain)."""
+    (paper Sec. 2)."""
 
-    def __init__(self, embedding_dim: int, fan_in: int, fan_out: int, relu_after: bool):
+    def __init__(self, embedding_dim: int, fan_in: int, fan_out: int):
         super().__init__()
-        self.fan_in, self.fan_out, self.relu_after = fan_in, fan_out, relu_after
+        self.fan_in, self.fan_out = fan_in, fan_out
         self.weight = nn.Linear(embedding_dim, fan_out * fan_in)
         self.bias = nn.Linear(embedding_dim, fan_out)
         self.gain = nn.Linear(embedding_dim, fan_out)
@@ -523,14 +531,16 @@ class HyperPolicy(nn.Module):
     and two output layers, the pre-tanh mean and a generated log-std (clamped to [-20, 2]); tanh-Gaussian as PEARL's.
     heads = [hidden, mean, log-std]."""
 
+    output_init = POLICY_HEAD_INIT  # the generated output layers start like PEARL's mean and log-std heads
+
     def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = LATENT_DIM,
                  embedding_dim: int = HYPER_EMBEDDING_DIM, blocks: int = HYPER_BLOCKS,
                  dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
         super().__init__()
         self.primary = PrimaryNetwork(latent_dim, embedding_dim, blocks)
-        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, obs_dim, dynamic_hidden, relu_after=True),
-                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim, relu_after=False),
-                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim, relu_after=False)])
+        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, obs_dim, dynamic_hidden),
+                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim),
+                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim)])
 
     def task_weights(self, z: torch.Tensor):
         """z (tasks, latent) -> the dynamic network's [(W, b, g)] per task: run the primary network once per task."""
@@ -560,13 +570,15 @@ class HyperPolicy(nn.Module):
 class HyperQ(nn.Module):
     """Hyper-PEARL's Q(s, a, z): meta = state, base = [a, z]; one dynamic hidden ReLU layer, one output."""
 
+    output_init = LAST_LAYER_INIT  # the generated output layer starts like PEARL's Q output layer
+
     def __init__(self, obs_dim: int, act_dim: int, latent_dim: int = LATENT_DIM,
                  embedding_dim: int = HYPER_EMBEDDING_DIM, blocks: int = HYPER_BLOCKS,
                  dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
         super().__init__()
         self.primary = PrimaryNetwork(obs_dim, embedding_dim, blocks)
-        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, act_dim + latent_dim, dynamic_hidden, True),
-                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, 1, False)])
+        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, act_dim + latent_dim, dynamic_hidden),
+                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, 1)])
 
     def forward(self, obs, act, z):
         """(..., obs_dim), (..., act_dim), (..., latent) -> (..., 1); dynamic weights per sample (from its state)."""
@@ -578,12 +590,14 @@ class HyperQ(nn.Module):
 class HyperV(nn.Module):
     """Hyper-PEARL's V(s, z): meta = state, base = z; one dynamic hidden ReLU layer, one output."""
 
+    output_init = LAST_LAYER_INIT
+
     def __init__(self, obs_dim: int, latent_dim: int = LATENT_DIM, embedding_dim: int = HYPER_EMBEDDING_DIM,
                  blocks: int = HYPER_BLOCKS, dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
         super().__init__()
         self.primary = PrimaryNetwork(obs_dim, embedding_dim, blocks)
-        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, latent_dim, dynamic_hidden, True),
-                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, 1, False)])
+        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, latent_dim, dynamic_hidden),
+                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, 1)])
 
     def forward(self, obs, z):
         """(..., obs_dim), (..., latent) -> (..., 1)."""
@@ -593,60 +607,110 @@ class HyperV(nn.Module):
 
 
 AUTHORS_HEAD_INIT = (0.05, 0.008, 0.001)  # HypeRL hyper_network.py: U(+-c) head weights for [hidden, output, log-std]
+HYPER_EMBEDDING_NORM = 8.0  # rms norm of the embedding under --hyper-init pytorch (as hyper_sac.py's)
+MAX_EMBEDDING_NORM_RATIO = 1.25  # the policy's embedding norms at prior and at posterior z differ by at most this
 
 
-def init_hypernetwork(module: nn.Module, meta_samples: torch.Tensor, scheme: Literal["kaiming", "authors"] = "kaiming",
-                      output_init: Optional[float] = None) -> None:  # fmt: skip
-    """Initialise a module with `.primary` and `.heads` (HyperPolicy, HyperQ, HyperV).
+def rms_norm(e: torch.Tensor) -> float:
+    """The root-mean-square norm of a batch of embeddings (..., d)."""
+    return e.pow(2).sum(-1).mean().sqrt().item()
 
-    "kaiming", the paper's (Sec. 5.2: the initial dynamic weights resemble, on average, Kaiming-uniform), as
-    hyper_td3.py's. A generated weight is w = sum_k H_k e_k with head weights H_k ~ U(-c, c) independent of the
-    embedding e, so over the meta variable's distribution E[w^2] = (c^2 / 3) d E[e_k^2] (d the embedding width).
-    Kaiming-uniform for a dynamic layer of fan-in n has variance gain^2 / n (gain sqrt(2) before a ReLU, 1 for an
-    output layer), hence
-        c = gain * sqrt(3 / n) / (sqrt(d) * rms(e)),
-    with rms(e) measured on `meta_samples` (states for Q and V, z ~ N(0, I) for the policy), drawn as the network
-    will first see them. With `output_init` set, the output layers' weights resemble U(-output_init, output_init)
-    instead (variance output_init^2 / 3, so c = output_init / (sqrt(d) * rms(e))): the policy passes PEARL's 1e-3, so
-    that, like PEARL's MLP policy, it starts with mean ~ 0 and log-std ~ 0 rather than a saturated tanh. Primary layers
-    are Kaiming-uniform (gain sqrt(2) after a ReLU, 1 for the stage projections reading the raw residual stream) with
-    zero biases. The bias and gain heads start at zero, so every meta variable first generates the same kind of
-    network, with zero biases and unit gains.
 
-    "authors", the released code's constants (HypeRL PEARL/torch/sac/hyper_network.py): primary weights
+@torch.no_grad()
+def balance_input_scale(primary: PrimaryNetwork, groups: tuple, max_ratio: float = MAX_EMBEDDING_NORM_RATIO,
+                        steps: int = 8) -> float:  # fmt: skip
+    """Scale the input projection's weights (not its bias) by the largest g in (0, 1], found by bisection to 2^-steps,
+    for which the embedding's rms norms on the groups of meta samples differ by at most max_ratio; returns g. At g = 0
+    the embedding does not depend on the meta variable, so the ratio is 1 there and the search always succeeds."""
+    first = primary.net[0]
+    weight = first.weight.clone()
+
+    def ratio(g: float) -> float:
+        first.weight.copy_(g * weight)
+        norms = [rms_norm(primary(group)) for group in groups]
+        return max(norms) / min(norms)
+
+    low, high = 0.0, 1.0
+    if ratio(high) <= max_ratio:
+        low = high
+    for _ in range(steps if low < high else 0):
+        middle = (low + high) / 2
+        low, high = (middle, high) if ratio(middle) <= max_ratio else (low, middle)
+    first.weight.copy_(low * weight)
+    return low
+
+
+def init_hypernetwork(module: nn.Module, meta_samples: Optional[torch.Tensor],
+                      scheme: Literal["pytorch", "authors"] = "pytorch", embedding_norm: float = HYPER_EMBEDDING_NORM,
+                      balance: Optional[tuple] = None) -> None:  # fmt: skip
+    """Initialise a module with `.primary`, `.heads` (hidden layer first) and `.output_init` (HyperPolicy, HyperQ,
+    HyperV).
+
+    pytorch (default), the principle of hyper_sac.py's init. The paper (Sec. 2) initializes the primary network so
+    that the initial dynamic weights resemble, on average, Kaiming-uniform; we match PyTorch's default nn.Linear init,
+    U(+-1/sqrt(n)) for weights AND biases (n = fan-in), on average over `meta_samples`, the meta variables the network
+    first sees (states for Q and V; for the policy, z as it is used: from the prior and from posteriors):
+    1. Primary layers keep PyTorch's default init, nonzero biases included. With `balance`, groups of meta samples
+       that must give embeddings of about the same norm (the policy's prior and posterior z), the input projection's
+       weights are then scaled down by `balance_input_scale`. Under PyTorch's default a prior z (|z| ~ sqrt(5))
+       outweighs the first layer's bias by sqrt(5), the embedding at prior z is about twice as large as at posterior
+       z (|z| ~ 0.1 at first), and at paper size 15 updates on posterior z left a fifth of the policy's means
+       saturated at prior z. Scaled, z changes the generated network about as much as the released init lets it.
+       Then the last stage is rescaled so that the embedding e has root-mean-square norm `embedding_norm` over
+       `meta_samples`: scaling a ReLU stage's input projection and every bias in it by c > 0 scales its output by
+       exactly c (and leaves the ratio of step 1 as it is).
+    2. Weight and bias heads: weights U(+-h), biases 0. A generated entry is sum_k H_k e_k, so its mean square over
+       the samples is (h^2 / 3) E|e|^2, and h = bound / embedding_norm gives U(+-bound)'s variance bound^2 / 3. The
+       hidden layer's bound is PyTorch's 1/sqrt(n); the output layers' is `module.output_init`, that of the PEARL
+       layer they stand for (Q and V U(+-3e-3), the policy's mean and log-std U(+-1e-3)), so Hyper-PEARL's critics
+       and policy start as flat as PEARL's.
+    3. Gain heads start at zero: every gain 1 + g starts at exactly 1.
+    The generated biases are nonzero and depend on the meta variable. With zero biases (and a bias-free primary
+    network) the network would be positively homogeneous: Q(s, k a, k z) = k Q(s, a, z) for k > 0, and the policy's
+    generated weights would scale with |z|, its mean with |z|^2, so a policy trained on posterior z (|z| ~ 0.1 at
+    first) would act saturated at prior z (|z| ~ sqrt(latent_dim)).
+    The embedding norm sets the step size in generated-weight space: one Adam step moves each head weight by about
+    the lr, so a generated entry moves by up to lr * sum_k |e_k|. With norm 8 the hidden heads' bounds, 1/(8 sqrt(n))
+    for fan-ins n = 5 to 27, are 0.024 to 0.056, about the released 0.05, where the authors' learning rates were
+    tuned.
+
+    authors: the released code's constants (HypeRL PEARL/torch/sac/hyper_network.py): primary weights
     U(+-1 / (2 sqrt(fan_in))) with torch's default biases; the weight, bias and gain heads' weights U(+-c) with c = 0.05
     (hidden layer), 0.008 (output) and 0.001 (the policy's log-std), zero head biases.
     """
     with torch.no_grad():
-        for layer in module.primary.net:
-            fcs = [(layer, "linear")] if isinstance(layer, nn.Linear) else [(layer.fc1, "relu"), (layer.fc2, "relu")]
-            for fc, nonlinearity in fcs:
-                if scheme == "authors":
-                    bound = 1.0 / (2.0 * np.sqrt(fc.weight.shape[1]))
-                    nn.init.uniform_(fc.weight, -bound, bound)
-                else:
-                    nn.init.kaiming_uniform_(fc.weight, nonlinearity=nonlinearity)
-                    nn.init.zeros_(fc.bias)
         if scheme == "authors":
+            for layer in module.primary.modules():
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / (2.0 * np.sqrt(layer.in_features))
+                    nn.init.uniform_(layer.weight, -bound, bound)  # the bias keeps torch's default
             for head, bound in zip(module.heads, AUTHORS_HEAD_INIT):
                 for fc in (head.weight, head.bias, head.gain):
                     nn.init.uniform_(fc.weight, -bound, bound)
                     nn.init.zeros_(fc.bias)
             return
-        scale = np.sqrt(module.primary.embedding_dim) * module.primary(meta_samples).pow(2).mean().sqrt().item()
-        for head in module.heads:
-            if output_init is not None and not head.relu_after:
-                bound = output_init / scale
-            else:
-                bound = (np.sqrt(2.0) if head.relu_after else 1.0) * np.sqrt(3.0 / head.fan_in) / scale
-            nn.init.uniform_(head.weight.weight, -bound, bound)
-            for fc in (head.bias, head.gain):
-                nn.init.zeros_(fc.weight)
+        for layer in module.primary.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        if balance is not None:
+            balance_input_scale(module.primary, balance)
+        scale = embedding_norm / rms_norm(module.primary(meta_samples))
+        layers = list(module.primary.net)
+        last_stage = layers[max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)) :]
+        last_stage[0].weight.mul_(scale)
+        for layer in (m for stage_layer in last_stage for m in stage_layer.modules()):
+            if isinstance(layer, nn.Linear):
+                layer.bias.mul_(scale)
+        for i, head in enumerate(module.heads):
+            bound = (1.0 / np.sqrt(head.fan_in) if i == 0 else module.output_init) / embedding_norm
+            for fc in (head.weight, head.bias):
+                nn.init.uniform_(fc.weight, -bound, bound)
+            nn.init.zeros_(head.gain.weight)
             for fc in (head.weight, head.bias, head.gain):
                 nn.init.zeros_(fc.bias)
 
 
-# Soft actor-critic with a task latent (PEARL Sec. 4-5; oyster rlkit/torch/sac/sac.py; notes §3.1)
+# Soft actor-critic with a task latent (PEARL Sec. 4-5; oyster rlkit/torch/sac/sac.py)
 #
 # PEARL's SAC has twin Q networks, a V network and a Polyak-averaged target V, and no entropy temperature: the reward is
 # scaled by 5 instead (the entropy weight is effectively 1/5). One training step, on a meta-batch of train tasks with
@@ -747,6 +811,27 @@ def value_and_policy_losses(agent: PEARLAgent, batch: Batch, z: torch.Tensor):
     return vf_loss, policy_loss, {"vf_loss": vf_loss, "actor_loss": policy_loss, "log_pi": log_pi.mean()}
 
 
+SATURATED_PRE_TANH = 3.0  # tanh'(3) = 0.01: beyond this a squashed action barely follows its gradient
+
+
+@torch.no_grad()
+def policy_saturation(policy: nn.Module, obs: torch.Tensor, z: torch.Tensor) -> float:
+    """The fraction of pre-tanh means with |mean| > 3 for obs (tasks, N, obs_dim) under z (tasks, latent)."""
+    mean, _ = policy.dist_params_with_weights(policy.task_weights(z), obs)
+    return (mean.abs() > SATURATED_PRE_TANH).float().mean().item()
+
+
+@torch.no_grad()
+def saturation_diagnostics(agent: PEARLAgent, batch: Batch, context: torch.Tensor, rng: np.random.Generator) -> dict:
+    """Policy saturation on a meta-batch's states, with one z per task drawn from the prior (as when the policy explores
+    and collects) and from the posterior of the task's context batch (as in the gradient steps). Noise from `rng`, so
+    the diagnostic leaves the training's random streams untouched."""
+    prior, posterior = agent.encoder.prior(len(context)), agent.encoder.posterior(context)
+    noise = torch.as_tensor(rng.standard_normal((2, *prior.loc.shape)), dtype=torch.float32)
+    return {f"policy_saturation_{name}_z": policy_saturation(agent.policy, batch.obs, q.loc + q.scale * eps)
+            for name, q, eps in (("prior", prior, noise[0]), ("posterior", posterior, noise[1]))}
+
+
 def check_finite(name: str, value: torch.Tensor) -> None:
     if not torch.isfinite(value).all():
         raise FloatingPointError(f"non-finite {name} ({value.item() if value.numel() == 1 else 'tensor'})")
@@ -782,7 +867,7 @@ def train_step(agent: PEARLAgent, optimizers: dict, batch: Batch, context: torch
 # Each train task has an RL buffer, which keeps everything collected for it (up to --buffer-size, then oldest first),
 # and an encoder buffer, cleared each time the task is sampled for collection, so the context that trains the encoder
 # comes from recent prior (and posterior) rollouts only. Transitions ending an episode by termination are stored with
-# d = 1 (the authors' rollout dropped them; notes §3.2).
+# d = 1 (the authors' rollout, HypeRL PEARL/torch/samplers/util.py, dropped them).
 
 FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals")
 
@@ -946,8 +1031,8 @@ def evaluate(env: TaskEnv, tasks: list, agent: PEARLAgent, runs: int, n_steps: i
 
 # The run: arguments, checks, saving
 
-# PEARL's data-collection schedule and evaluation per family (oyster configs/*.json and HypeRL PEARL/configs/*.json;
-# notes §3.1): meta_batch, num_steps_prior, num_extra_rl_steps_posterior, num_evals, embedding_batch_size,
+# PEARL's data-collection schedule and evaluation per family (oyster configs/*.json and HypeRL PEARL/configs/*.json):
+# meta_batch, num_steps_prior, num_extra_rl_steps_posterior, num_evals, embedding_batch_size,
 # num_train_steps_per_itr. Ant-Fwd-Back's 2 evals per task are HypeRL's (oyster's ant-dir had 4); Ant-Vel and
 # Half-Cheetah-Vel-Medium (HypeRL's additions) use cheetah-vel's schedule, as their JSONs do.
 FAMILY_SCHEDULES = {
@@ -989,7 +1074,7 @@ class Args:
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
 
-    # --- algorithm (PEARL; oyster's defaults with HypeRL's changes, research notes §3) ---
+    # --- algorithm (PEARL; oyster's configs/default.py with HypeRL's changes) ---
     env_id: FamilyName = "HalfCheetahVel"
     """the task family (PEARL's cheetah-dir, ant-dir, cheetah-vel; HypeRL's ant-vel and cheetah-vel-medium)"""
     num_iterations: int = 400
@@ -1054,10 +1139,12 @@ class Args:
     """residual blocks per stage of the primary network (paper: 2)"""
     hyper_dynamic_hidden: int = DYNAMIC_HIDDEN
     """hidden units of the single hidden layer of the dynamic networks (paper: 256)"""
-    hyper_init: Literal["kaiming", "authors"] = "kaiming"
-    """kaiming: dynamic weights resemble Kaiming-uniform (paper), policy outputs PEARL's U(+-1e-3); authors: released constants"""
+    hyper_init: Literal["pytorch", "authors"] = "pytorch"
+    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first meta variables, gains 1, output layers as PEARL's (paper Sec. 2); authors: the released code's constants"""
+    hyper_embedding_norm: float = HYPER_EMBEDDING_NORM
+    """--hyper-init pytorch: rms norm of the primary networks' embeddings over the first meta variables; sets how far one Adam step moves the generated weights (8: about as far as with the released constants)"""
     hyper_init_samples: int = 1000
-    """states (from random actions) and prior latents on which the kaiming init measures the embedding scale"""
+    """--hyper-init pytorch: random-action transitions whose states (Q, V) and latents (policy: half prior, half posteriors of their contexts) calibrate the init"""
 
 
 def schedule(args: Args, name: str) -> int:
@@ -1102,24 +1189,45 @@ def check_args(args: Args) -> None:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.kl_lambda >= 0:
         fail(f"--kl-lambda must be >= 0, got {args.kl_lambda}")
+    if not 0 < args.hyper_embedding_norm < float("inf"):
+        fail(f"--hyper-embedding-norm must be positive and finite, got {args.hyper_embedding_norm}")
+    if args.hyper_init_samples < 2:
+        fail(f"--hyper-init-samples must be at least 2 (half calibrate on prior z, half on posteriors), got {args.hyper_init_samples}")
 
 
-def collect_meta_states(family: str, task: Task, n: int, seed: int) -> torch.Tensor:
-    """n states visited by uniformly random actions in the family's env (its own seed): the meta-variable sample on
-    which Q's and V's hypernetwork init measures the embedding scale (states do not depend on the task)."""
-    env, rng, states = make_task_env(family, task), np.random.default_rng(seed), []
+def collect_init_context(family: str, task: Task, n: int, seed: int) -> torch.Tensor:
+    """n transitions (s, a, r) of uniformly random actions in the family's env (its own seed), (n, obs + act + 1): the
+    sample on which --hyper-init pytorch calibrates Q's and V's init (their states) and the policy's (the posteriors
+    of contexts drawn from it)."""
+    env, rng, transitions = make_task_env(family, task), np.random.default_rng(seed), []
     obs, _ = env.reset(seed=seed)
-    while len(states) < n:
-        states.append(obs)
-        obs, _, terminated, truncated, _ = env.step(rng.uniform(-1.0, 1.0, size=env.action_space.shape))
+    while len(transitions) < n:
+        action = rng.uniform(-1.0, 1.0, size=env.action_space.shape)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        transitions.append(np.concatenate([obs, action, [reward]]))
+        obs = next_obs
         if terminated or truncated:
             obs, _ = env.reset(seed=new_seed(rng))
     env.close()
-    return torch.as_tensor(np.stack(states), dtype=torch.float32)
+    return torch.as_tensor(np.stack(transitions), dtype=torch.float32)
 
 
-def make_agent(args: Args, obs_dim: int, act_dim: int, meta_states: Optional[torch.Tensor]) -> PEARLAgent:
-    """The encoder and the mlp or hyper policy, Q1, Q2, V and target V (PEARL's or the paper's initialization)."""
+@torch.no_grad()
+def policy_init_latents(encoder: ContextEncoder, init_context: torch.Tensor,
+                        context_size: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The latents Hyper-PEARL's policy first sees, (prior z, posterior z), half as many as init_context has rows each:
+    z ~ N(0, I), as when it explores and collects with the prior, and z ~ q(z | c) for contexts c of `context_size`
+    transitions drawn from init_context, as in its gradient steps and posterior rollouts. At init a posterior
+    multiplies hundreds of broad factors, so its z is near 0 (|z| ~ 0.1), while |z| ~ sqrt(latent_dim) under the
+    prior."""
+    n = len(init_context) // 2
+    rows = torch.randint(0, len(init_context), (n, context_size))
+    return encoder.prior(n).sample(), sample_z(encoder.posterior(init_context[rows]))
+
+
+def make_agent(args: Args, obs_dim: int, act_dim: int, init_context: Optional[torch.Tensor]) -> PEARLAgent:
+    """The encoder and the mlp or hyper policy, Q1, Q2, V and target V (PEARL's or the paper's initialization).
+    init_context, from `collect_init_context`, calibrates --hyper-init pytorch."""
     encoder = ContextEncoder(obs_dim, act_dim, args.latent_dim, args.encoder_hidden)
     if args.model == "mlp":
         nets = [MLPPolicy(obs_dim, act_dim, args.latent_dim, args.net_size), MLPQ(obs_dim, act_dim, args.latent_dim, args.net_size),
@@ -1128,12 +1236,16 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, meta_states: Optional[tor
         return PEARLAgent(encoder, *nets)
     sizes = dict(embedding_dim=args.hyper_embedding_dim, blocks=args.hyper_blocks, dynamic_hidden=args.hyper_dynamic_hidden)
     policy = HyperPolicy(obs_dim, act_dim, args.latent_dim, **sizes)
-    # z as first drawn: from the prior; output layers like PEARL's policy heads, U(+-1e-3)
-    init_hypernetwork(policy, torch.randn(args.hyper_init_samples, args.latent_dim), args.hyper_init, output_init=POLICY_HEAD_INIT)
     critics = [HyperQ(obs_dim, act_dim, args.latent_dim, **sizes), HyperQ(obs_dim, act_dim, args.latent_dim, **sizes),
                HyperV(obs_dim, args.latent_dim, **sizes), HyperV(obs_dim, args.latent_dim, **sizes)]  # fmt: skip
-    for critic in critics[:3]:
-        init_hypernetwork(critic, meta_states, args.hyper_init)
+    if args.hyper_init == "pytorch":
+        latents = policy_init_latents(encoder, init_context, schedule(args, "embedding_batch_size"))
+        init_hypernetwork(policy, torch.cat(latents), "pytorch", args.hyper_embedding_norm, balance=latents)
+        for critic in critics[:3]:  # the target V starts as a copy of V (PEARLAgent)
+            init_hypernetwork(critic, init_context[:, :obs_dim], "pytorch", args.hyper_embedding_norm)
+    else:
+        for net in [policy, *critics[:3]]:
+            init_hypernetwork(net, None, "authors")
     return PEARLAgent(encoder, policy, *critics)
 
 
@@ -1143,9 +1255,9 @@ RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "num_train_tasks",
                      "meta_batch", "batch_size", "embedding_batch_size", "buffer_size", "gamma", "tau", "reward_scale",
                      "kl_lambda", "model", "policy_lr", "qf_lr", "vf_lr", "context_lr", "latent_dim", "net_size",
                      "encoder_hidden", "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init",
-                     "hyper_init_samples")  # fmt: skip
+                     "hyper_embedding_norm", "hyper_init_samples")  # fmt: skip
 # independent numpy streams: np.random.default_rng([seed, stream]) (the task pools use default_rng(seed) itself)
-TASK_STREAM, SAMPLER_STREAM, REPLAY_STREAM, EVAL_STREAM, INIT_STREAM = 1, 2, 3, 4, 5
+TASK_STREAM, SAMPLER_STREAM, REPLAY_STREAM, EVAL_STREAM, INIT_STREAM, DIAGNOSTIC_STREAM = 1, 2, 3, 4, 5, 6
 
 
 def atomic_save(obj, path: str) -> None:
@@ -1203,10 +1315,11 @@ if __name__ == "__main__":
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
 
     # ALGO LOGIC: initialize agent here
-    meta_states = None
-    if args.model == "hyper":
-        meta_states = collect_meta_states(args.env_id, train_tasks[0], args.hyper_init_samples, new_seed(np.random.default_rng([args.seed, INIT_STREAM])))
-    agent = make_agent(args, obs_dim, act_dim, meta_states)
+    init_context = None
+    if args.model == "hyper" and args.hyper_init == "pytorch":
+        init_seed = new_seed(np.random.default_rng([args.seed, INIT_STREAM]))
+        init_context = collect_init_context(args.env_id, train_tasks[0], args.hyper_init_samples, init_seed)
+    agent = make_agent(args, obs_dim, act_dim, init_context)
     parameters = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
     optimizers = {name: torch.optim.Adam(module.parameters(), lr=lrs[name]) for name, module in parameters.items()}
     rl_buffer = MultiTaskBuffer(len(train_tasks), obs_dim, act_dim, args.buffer_size)
@@ -1307,6 +1420,9 @@ if __name__ == "__main__":
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value / train_steps
         update_seconds = time.time() - update_start
+        # the last gradient step's states and contexts; a stream per iteration, so a resumed run logs the same values
+        diagnostic_rng = np.random.default_rng([args.seed, DIAGNOSTIC_STREAM, iteration])
+        diagnostics = saturation_diagnostics(agent, batch, context, diagnostic_rng)
 
         eval_start = time.time()
         if args.eval_freq and (iteration % args.eval_freq == 0 or iteration == args.num_iterations):
@@ -1332,6 +1448,8 @@ if __name__ == "__main__":
         writer.add_scalar("charts/iteration", iteration, global_step)
         for key, value in totals.items():
             writer.add_scalar(f"losses/{key}", value, global_step)
+        for key, value in diagnostics.items():
+            writer.add_scalar(f"charts/{key}", value, global_step)
         writer.add_scalar("charts/SPS", int(steps / iteration_seconds), global_step)
         writer.add_scalar("charts/iteration_seconds", iteration_seconds, global_step)
         writer.add_scalar("charts/collection_seconds", collection_seconds, global_step)

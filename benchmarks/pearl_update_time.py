@@ -61,7 +61,8 @@ if __name__ == "__main__":
     args = hyper_pearl.Args(model=bench.model, hyper_embedding_dim=bench.hyper_embedding_dim, hyper_blocks=bench.hyper_blocks,
                             hyper_dynamic_hidden=bench.hyper_dynamic_hidden)  # fmt: skip
     torch.manual_seed(0)
-    agent = hyper_pearl.make_agent(args, obs_dim, act_dim, 3.0 * torch.randn(1000, obs_dim))
+    init_context = 3.0 * torch.randn(1000, hyper_pearl.context_dim(obs_dim, act_dim))  # stands in for (s, a, r) rows
+    agent = hyper_pearl.make_agent(args, obs_dim, act_dim, init_context)
     lrs = hyper_pearl.learning_rates(args)
     modules = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=lrs[name]) for name, m in modules.items()}

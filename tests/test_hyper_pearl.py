@@ -219,8 +219,9 @@ def test_posterior_is_per_task_and_independent_of_other_tasks():
 
 # Networks: PEARL's MLPs and Hyper-PEARL's hypernetworks
 
-from hyper_pearl import (HyperPolicy, HyperQ, HyperV, MLPPolicy, MLPQ, MLPV, init_hypernetwork,  # noqa: E402
-                         tanh_gaussian_log_prob)
+from hyper_pearl import (FAMILY_SCHEDULES, HYPER_EMBEDDING_NORM, MAX_EMBEDDING_NORM_RATIO, HyperPolicy,  # noqa: E402
+                         HyperQ, HyperV, MLPPolicy, MLPQ, MLPV, balance_input_scale, collect_init_context,
+                         fanin_uniform_, init_hypernetwork, policy_init_latents, rms_norm, tanh_gaussian_log_prob)
 
 OBS, ACT, LAT = 17, 6, LATENT_DIM
 SMALL = dict(embedding_dim=64, blocks=1, dynamic_hidden=32)
@@ -303,40 +304,164 @@ def test_hyper_q_action_gradient_depends_on_the_state():
     assert not torch.allclose(grad[0], grad[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("which", ["policy", "q", "v"])
-def test_kaiming_init_gives_kaiming_first_layer_weights_and_zero_bias_gain_heads(which):
-    policy, q, v = small_hyper_nets()
-    net = {"policy": policy, "q": q, "v": v}[which]
-    torch.manual_seed(3)
-    meta = torch.randn(256, LAT) if which == "policy" else 4.0 * torch.randn(256, OBS)
-    with torch.no_grad():
-        e = net.primary(meta)
-        weight, bias, gain = net.heads[0](e)
-    rms = weight.pow(2).mean().sqrt().item()
-    expected = np.sqrt(2.0 / net.heads[0].fan_in)
-    assert abs(rms / expected - 1) < 0.2, (rms, expected)
-    assert torch.count_nonzero(bias) == 0 and torch.count_nonzero(gain) == 0
-    for head in net.heads:
-        for fc in (head.bias, head.gain):
-            assert torch.count_nonzero(fc.weight) == 0 and torch.count_nonzero(fc.bias) == 0
+# --hyper-init pytorch: PyTorch's default nn.Linear init on the meta variables the networks first see
+
+_CONTEXTS = {}
 
 
-def test_kaiming_init_with_output_init_generates_pearl_sized_policy_outputs():
+def cheetah_context(n, seed):
+    """n random-action transitions (s, a, r) of HalfCheetahFwdBack's forward task, (n, 24), as make_agent gets them."""
+    if (n, seed) not in _CONTEXTS:
+        _CONTEXTS[n, seed] = collect_init_context("HalfCheetahFwdBack", Task(1.0), n, seed)
+    return _CONTEXTS[n, seed]
+
+
+def rms(x):
+    return x.pow(2).mean().sqrt().item()
+
+
+CONTEXT_SIZE = FAMILY_SCHEDULES["HalfCheetahFwdBack"]["embedding_batch_size"]
+
+
+_CALIBRATED = {}  # (which, norm) -> calibrated()'s result
+
+
+def calibrated(which, norm=HYPER_EMBEDDING_NORM):
+    """A SMALL hyper policy, Q or V calibrated on 1000 cheetah transitions: (net, its calibration meta variables, meta
+    variables drawn the same way from 1000 other transitions). The policy's are `policy_init_latents`, the critics'
+    the states. Made once per (which, norm); callers must not modify the net."""
+    if (which, norm) not in _CALIBRATED:
+        _CALIBRATED[which, norm] = _calibrate(which, norm)
+    return _CALIBRATED[which, norm]
+
+
+def _calibrate(which, norm):
     torch.manual_seed(0)
-    policy = HyperPolicy(OBS, ACT, LAT, **SMALL)
-    init_hypernetwork(policy, torch.randn(512, LAT), output_init=1e-3)
+    contexts = cheetah_context(1000, 0), cheetah_context(1000, 1)
+    if which == "policy":
+        encoder = ContextEncoder(OBS, ACT)
+        net = HyperPolicy(OBS, ACT, LAT, **SMALL)
+        groups = [policy_init_latents(encoder, c, CONTEXT_SIZE) for c in contexts]
+        init_hypernetwork(net, torch.cat(groups[0]), "pytorch", norm, balance=groups[0])
+        return net, torch.cat(groups[0]), torch.cat(groups[1])
+    net = HyperQ(OBS, ACT, LAT, **SMALL) if which == "q" else HyperV(OBS, LAT, **SMALL)
+    calibration, held_out = (c[:, :OBS] for c in contexts)
+    init_hypernetwork(net, calibration, "pytorch", norm)
+    return net, calibration, held_out
+
+
+@pytest.mark.parametrize("which", ["policy", "q", "v"])
+def test_pytorch_init_generates_pytorchs_linear_init_and_pearls_output_layers(which):
+    net, _, meta = calibrated(which)
     with torch.no_grad():
-        e = policy.primary(torch.randn(256, LAT))
-        hidden, mean, log_std = (head(e)[0] for head in policy.heads)
-    assert abs(hidden.pow(2).mean().sqrt().item() / np.sqrt(2.0 / OBS) - 1) < 0.2  # the hidden layer stays Kaiming
-    for weight in (mean, log_std):  # U(-1e-3, 1e-3) has rms 1e-3 / sqrt(3)
-        assert abs(weight.pow(2).mean().sqrt().item() / (1e-3 / np.sqrt(3)) - 1) < 0.2
+        generated = [head(net.primary(meta)) for head in net.heads]
+    (w1, b1, _), outputs = generated[0], generated[1:]
+    # the hidden layer: nn.Linear's default U(+-1/sqrt(fan_in)) for weights and biases, rms 1/sqrt(3 fan_in)
+    for t in (w1, b1):
+        assert rms(t) == pytest.approx(1 / np.sqrt(3 * net.heads[0].fan_in), rel=0.15)
+    assert b1.std(0).mean().item() > 0.1 * rms(b1)  # the biases depend on the meta variable
+    # the output layers: PEARL's U(+-3e-3) for Q and V, U(+-1e-3) for the policy's mean and log-std heads
+    for weight, bias, _ in outputs:
+        assert rms(weight) == pytest.approx(net.output_init / np.sqrt(3), rel=0.15)
+        assert 0.3 < rms(bias) / (net.output_init / np.sqrt(3)) < 3  # one value per output and meta variable: loose
+    for _, _, gain in generated:  # every gain 1 + g starts at exactly 1
+        assert gain.abs().max().item() == 0.0
+    assert (HyperPolicy.output_init, HyperQ.output_init, HyperV.output_init) == (1e-3, 3e-3, 3e-3)
+
+
+@pytest.mark.parametrize("which", ["policy", "q"])
+def test_embedding_has_the_set_norm_on_the_calibration_samples_and_close_to_it_on_others(which):
+    for norm in (8.0, 2.0):
+        net, calibration, held_out = calibrated(which, norm)
+        with torch.no_grad():
+            assert rms_norm(net.primary(calibration)) == pytest.approx(norm, rel=1e-4)  # the rescale is exact
+            assert rms_norm(net.primary(held_out)) == pytest.approx(norm, rel=0.15)
+
+
+def test_policy_init_latents_are_prior_and_init_posterior_z():
+    torch.manual_seed(0)
+    prior, posterior = policy_init_latents(ContextEncoder(OBS, ACT), cheetah_context(1000, 0), CONTEXT_SIZE)
+    assert prior.shape == posterior.shape == (500, LAT)
+    assert prior.std().item() == pytest.approx(1.0, rel=0.1)  # N(0, I)
+    assert posterior.norm(dim=-1).mean().item() < 0.1 * prior.norm(dim=-1).mean().item()  # an init posterior: near 0
+
+
+def test_policy_generates_networks_of_the_same_scale_at_prior_and_posterior_z():
+    # With PyTorch's default input projection a prior z outweighs the bias and the embedding is larger at prior z
+    # than at posterior z; `balance_input_scale` brings the two within MAX_EMBEDDING_NORM_RATIO.
+    net, calibration, held_out = calibrated("policy")
+    target = 1 / np.sqrt(3 * net.heads[0].fan_in)
+    with torch.no_grad():
+        for latents, tolerance in ((calibration, 1.0), (held_out, 1.05)):
+            prior, posterior = latents[:500], latents[500:]
+            ratio = rms_norm(net.primary(prior)) / rms_norm(net.primary(posterior))
+            assert ratio <= MAX_EMBEDDING_NORM_RATIO * tolerance
+            for z in (prior, posterior):
+                weight, bias, _ = net.heads[0](net.primary(z))
+                assert 0.7 < rms(weight) / target < 1.4 and 0.7 < rms(bias) / target < 1.4
+        # z still selects the network: two prior z give embeddings that differ by a sizeable fraction of their norm
+        e = net.primary(held_out[:500])
+        assert (e[:250] - e[250:]).norm(dim=-1).mean() > 0.2 * e.norm(dim=-1).mean()
+
+
+def test_balance_input_scale_finds_the_largest_scale_that_meets_the_ratio():
+    torch.manual_seed(0)
+    primary = HyperPolicy(OBS, ACT, LAT, **SMALL).primary
+    groups = (3.0 * torch.randn(200, LAT), 0.01 * torch.randn(200, LAT))
+    weight = primary.net[0].weight.detach().clone()
+
+    def ratio():
+        norms = [rms_norm(primary(group)) for group in groups]
+        return max(norms) / min(norms)
+
+    with torch.no_grad():
+        assert ratio() > 1.5  # unbalanced at PyTorch's default
+        g = balance_input_scale(primary, groups, max_ratio=1.2, steps=10)
+        assert 0 < g < 1 and torch.allclose(primary.net[0].weight, g * weight)
+        assert ratio() <= 1.2
+        primary.net[0].weight.copy_((g + 2**-10) * weight)  # one search step more breaks the ratio
+        assert ratio() > 1.2
+        primary.net[0].weight.copy_(weight)
+        assert balance_input_scale(primary, groups, max_ratio=100.0) == 1.0  # already within the ratio: unchanged
+        assert torch.equal(primary.net[0].weight, weight)
+
+
+def test_q_and_v_are_not_positively_homogeneous_in_their_base_variable():
+    # With zero generated biases Q(s, k a, k z) = k Q(s, a, z) for k > 0 and Q(s, 0, 0) = 0 (V likewise in z)
+    q, states, _ = calibrated("q")
+    v, _, _ = calibrated("v")
+    torch.manual_seed(1)
+    s, a, z = states[:200], torch.rand(200, ACT) * 2 - 1, 0.5 * torch.randn(200, LAT)
+    with torch.no_grad():
+        for f in (lambda k: q(s, k * a, k * z), lambda k: v(s, k * z)):
+            at_zero, change = f(0.0), f(1.0) - f(0.0)
+            assert at_zero.abs().mean().item() > 0.1 * change.abs().mean().item()
+            gap = f(0.5) - at_zero - 0.5 * change
+            assert gap.abs().mean().item() > 0.05 * change.abs().mean().item()
+
+
+def q_spread_over_actions(q, states, z, n_actions=64):
+    """The std of Q(s, ., z) over uniformly random actions, averaged over the states."""
+    actions = torch.rand(n_actions, ACT, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        values = torch.stack([q(states, a.expand(len(states), ACT), z).squeeze(-1) for a in actions], 1)
+    return values.std(1).mean().item()
+
+
+def test_hyper_q_starts_about_as_flat_over_actions_as_pearls_mlp():
+    q, states, _ = calibrated("q")
+    torch.manual_seed(0)
+    mlp = MLPQ(OBS, ACT, LAT)
+    s, z = states[:64], 0.1 * torch.randn(64, LAT)
+    hyper_spread, mlp_spread = q_spread_over_actions(q, s, z), q_spread_over_actions(mlp, s, z)
+    # a Kaiming-like output layer instead of PEARL's U(+-3e-3) made it ~1000 times the MLP's
+    assert hyper_spread < 30 * mlp_spread, (hyper_spread, mlp_spread)
 
 
 def test_authors_init_uses_the_released_constants():
     torch.manual_seed(0)
     policy = HyperPolicy(OBS, ACT, LAT, **SMALL)
-    init_hypernetwork(policy, torch.randn(8, LAT), scheme="authors")
+    init_hypernetwork(policy, None, scheme="authors")
     for head, bound in zip(policy.heads, (0.05, 0.008, 0.001)):
         for fc in (head.weight, head.bias, head.gain):
             assert 0.9 * bound < fc.weight.abs().max() <= bound and torch.count_nonzero(fc.bias) == 0
@@ -344,14 +469,38 @@ def test_authors_init_uses_the_released_constants():
     assert first.weight.abs().max() <= 1 / (2 * np.sqrt(LAT)) and torch.count_nonzero(first.bias) > 0
 
 
+def rlkit_fanin_bound(weight):
+    """The bound of rlkit's fanin_init (oyster rlkit/torch/pytorch_util.py) by its definition: fan_in = size[0] for a
+    2-D tensor, prod(size[1:]) beyond, bound 1 / sqrt(fan_in)."""
+    size = weight.size()
+    fan_in = size[0] if len(size) == 2 else np.prod(size[1:])
+    return 1.0 / np.sqrt(fan_in)
+
+
+def test_fanin_uniform_follows_rlkits_definition():
+    torch.manual_seed(0)
+    for in_dim, out_dim in ((7, 300), (300, 7), (24, 200)):
+        layer = torch.nn.Linear(in_dim, out_dim)
+        fanin_uniform_(layer.weight)
+        bound = rlkit_fanin_bound(layer.weight)
+        assert bound == pytest.approx(1 / np.sqrt(out_dim))  # size(0) of an (out, in) weight: the output width
+        assert 0.95 * bound < layer.weight.abs().max().item() <= bound
+        assert rms(layer.weight) == pytest.approx(bound / np.sqrt(3), rel=0.1)
+    # every hidden layer of PEARL's encoder, Q, V and policy, the first ones (input width != output width) included
+    encoder, q, v, policy = ContextEncoder(OBS, ACT), MLPQ(OBS, ACT, LAT), MLPV(OBS, LAT), MLPPolicy(OBS, ACT, LAT)
+    layers = [*encoder.hidden, *(m for net in (q, v, policy) for m in net.body if isinstance(m, torch.nn.Linear))]
+    assert len(layers) == 12 and any(fc.in_features != fc.out_features for fc in layers)
+    for fc in layers:
+        bound = rlkit_fanin_bound(fc.weight)
+        assert 0.9 * bound < fc.weight.abs().max().item() <= bound and torch.all(fc.bias == 0.1)
+
+
 def test_mlp_init_last_layers_are_small_uniform():
     torch.manual_seed(0)
     policy, q, v = MLPPolicy(OBS, ACT, LAT), MLPQ(OBS, ACT, LAT), MLPV(OBS, LAT)
     assert len([m for m in q.body if isinstance(m, torch.nn.Linear)]) == 3 and q.body[0].out_features == 300
-    for fc in (policy.mean, policy.log_std, q.last, v.last):
-        assert fc.weight.abs().max() <= 3e-3 and fc.bias.abs().max() <= 3e-3
-    for fc in (m for m in q.body if isinstance(m, torch.nn.Linear)):
-        assert fc.weight.abs().max() <= 1 / np.sqrt(fc.in_features) and torch.all(fc.bias == 0.1)
+    for fc, bound in ((policy.mean, 1e-3), (policy.log_std, 1e-3), (q.last, 3e-3), (v.last, 3e-3)):
+        assert 0.5 * bound < fc.weight.abs().max() <= bound and fc.bias.abs().max() <= bound
 
 
 def test_full_size_hyper_networks_build_with_the_papers_shape():
@@ -373,8 +522,9 @@ def test_hyper_parameter_counts_match_the_authors():
 
 import gymnasium as gym  # noqa: E402
 
-from hyper_pearl import (FAMILY_SCHEDULES, Batch, MultiTaskBuffer, PEARLAgent, TaskBuffer,  # noqa: E402
-                         adaptation_returns, collect, critic_loss, evaluate, q_target, rollout, train_step,
+from hyper_pearl import (Args, Batch, MultiTaskBuffer, PEARLAgent, TaskBuffer,  # noqa: E402
+                         adaptation_returns, collect, critic_loss, evaluate, learning_rates, make_agent,
+                         policy_saturation, q_target, rollout, saturation_diagnostics, train_step,
                          value_and_policy_losses)
 
 
@@ -475,6 +625,44 @@ def test_v_target_and_policy_loss_by_hand(model):
     torch.testing.assert_close(policy_loss.detach(), expected_policy, rtol=1e-4, atol=1e-5)
 
 
+class ActionLinearQ(torch.nn.Module):
+    """Q(s, a, z) = c . a: a critic whose action-gradient is c everywhere."""
+
+    def __init__(self, slopes):
+        super().__init__()
+        self.slopes = torch.nn.Parameter(slopes)
+
+    def forward(self, obs, act, z):
+        return (act * self.slopes).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("model", ["mlp", "hyper"])
+def test_policy_loss_follows_the_critics_action_gradient(model):
+    # The reparameterised action carries d min(Q1, Q2) / da back into the policy (PEARL's policy loss); critics with a
+    # steep known action-gradient make that term dominate the policy's gradient.
+    agent, batch, z = small_agent(model), random_batch(), torch.randn(3, LAT)
+    slopes = torch.linspace(-20.0, 20.0, ACT)
+    agent.qf1, agent.qf2 = ActionLinearQ(slopes), ActionLinearQ(-slopes)
+    params = list(agent.policy.parameters())
+    torch.manual_seed(5)
+    _, policy_loss, _ = value_and_policy_losses(agent, batch, z)
+    grads = torch.autograd.grad(policy_loss, params)
+    torch.manual_seed(5)
+    mean, log_std = agent.policy.dist_params_with_weights(agent.policy.task_weights(z), batch.obs)
+    u = mean + log_std.exp() * torch.randn_like(mean)
+    log_pi = tanh_gaussian_log_prob(u, mean, log_std)
+    regulariser = 1e-3 * mean.pow(2).mean() + 1e-3 * log_std.pow(2).mean()
+    action = torch.tanh(u)
+    min_q = torch.min(agent.qf1(batch.obs, action, None), agent.qf2(batch.obs, action, None))
+    expected = torch.autograd.grad((log_pi - min_q).mean() + regulariser, params, retain_graph=True)
+    without_critic = torch.autograd.grad(log_pi.mean() + regulariser, params)
+    for grad, want in zip(grads, expected):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+    critic_part = sum((e - w).norm() for e, w in zip(expected, without_critic))
+    assert critic_part > 0.5 * sum(e.norm() for e in expected)
+    assert all(p.grad is None for p in (agent.qf1.slopes, agent.qf2.slopes))  # Q stays frozen
+
+
 def test_hyper_policy_generates_weights_once_per_task_in_the_update():
     agent, batch = small_agent("hyper"), random_batch(tasks=4, n=16)
     rows = []
@@ -504,6 +692,85 @@ def test_train_step_stops_before_the_optimizer_step_on_a_non_finite_loss():
     with pytest.raises(FloatingPointError, match="non-finite Q loss"):
         train_step(agent, optimizers_for(agent), batch, context)
     assert all(torch.equal(a, b) for a, b in zip(before, agent.encoder.parameters()))
+
+
+def test_policy_saturation_counts_pre_tanh_means_beyond_3():
+    torch.manual_seed(0)
+    policy = MLPPolicy(OBS, ACT, LAT, 16)
+    with torch.no_grad():
+        policy.mean.weight.zero_()
+        policy.mean.bias.copy_(torch.tensor([5.0, -5.0, 0.5, 0.0, 2.9, -3.1]))
+    assert policy_saturation(policy, torch.randn(2, 10, OBS), torch.randn(2, LAT)) == 0.5
+
+
+def test_saturation_diagnostics_draw_z_from_the_prior_and_from_the_posterior_without_touching_torchs_rng():
+    agent, tasks = small_agent("mlp"), 400
+    batch, context = random_batch(tasks=tasks, n=2), random_context(tasks=tasks)
+    latents = []
+    original = agent.policy.task_weights
+    agent.policy.task_weights = lambda z: latents.append(z) or original(z)
+    rng_state = torch.get_rng_state()
+    stats = saturation_diagnostics(agent, batch, context, np.random.default_rng(0))
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the training's random stream is untouched
+    assert set(stats) == {"policy_saturation_prior_z", "policy_saturation_posterior_z"}
+    prior_z, posterior_z = latents
+    assert prior_z.shape == posterior_z.shape == (tasks, LAT)
+    with torch.no_grad():
+        posterior = agent.encoder.posterior(context)
+    for z, loc, scale in ((prior_z, 0.0, 1.0), (posterior_z, posterior.loc, posterior.scale)):
+        standardised = (z - loc) / scale
+        assert abs(standardised.mean().item()) < 0.1 and standardised.std().item() == pytest.approx(1.0, rel=0.1)
+    assert posterior.scale.max() < 0.6  # so the two are told apart
+    assert saturation_diagnostics(agent, batch, context, np.random.default_rng(0)) == stats
+
+
+def test_make_agent_calibrates_the_policy_on_prior_and_posterior_z_and_the_critics_on_states():
+    args = Args(env_id="HalfCheetahFwdBack", model="hyper", **{f"hyper_{k}": v for k, v in SMALL.items()})
+    torch.manual_seed(0)
+    agent = make_agent(args, OBS, ACT, cheetah_context(1000, 0))
+    held_out = cheetah_context(1000, 1)
+    prior, posterior = policy_init_latents(agent.encoder, held_out, CONTEXT_SIZE)
+    with torch.no_grad():
+        assert rms_norm(agent.policy.primary(torch.cat([prior, posterior]))) == pytest.approx(8.0, rel=0.05)
+        ratio = rms_norm(agent.policy.primary(prior)) / rms_norm(agent.policy.primary(posterior))
+        assert ratio <= 1.05 * MAX_EMBEDDING_NORM_RATIO
+        for critic in (agent.qf1, agent.qf2, agent.vf):
+            assert rms_norm(critic.primary(held_out[:, :OBS])) == pytest.approx(8.0, rel=0.05)
+    assert not torch.equal(agent.qf1.heads[0].weight.weight, agent.qf2.heads[0].weight.weight)  # independent twins
+    assert all(torch.equal(a, b) for a, b in zip(agent.vf.parameters(), agent.target_vf.parameters()))
+
+
+def test_hyper_policy_trained_on_posterior_z_is_not_saturated_at_prior_z():
+    # PEARL trains the policy on posterior z (|z| ~ 0.1 at first) but explores with prior z (|z| ~ 2.2). With a
+    # homogeneous (bias-free) hypernetwork the policy's mean scales with |z|^2, and a few updates at posterior z left
+    # it saturated at prior z, with log-std near -16.
+    sizes = {f"hyper_{k}": v for k, v in SMALL.items()}
+    args = Args(env_id="HalfCheetahFwdBack", model="hyper", batch_size=64, **sizes)
+    torch.manual_seed(0)
+    agent = make_agent(args, 17, 6, cheetah_context(1000, 0))
+    modules = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
+    lrs = learning_rates(args)
+    optimizers = {name: torch.optim.Adam(module.parameters(), lr=lrs[name]) for name, module in modules.items()}
+    env, rng = make_task_env("HalfCheetahFwdBack", Task(1.0)), np.random.default_rng(0)
+    rl, encoder_buffers = MultiTaskBuffer(2, 17, 6, 10_000), MultiTaskBuffer(2, 17, 6, 10_000)
+    for index, goal in enumerate((-1.0, 1.0)):  # the initial pool: the policy's own actions, z ~ prior
+        collect(env, Task(goal), agent, 400, rl.tasks[index], encoder_buffers.tasks[index], add_to_encoder=True,
+                use_posterior=False, context_batch=CONTEXT_SIZE, rng=rng)  # fmt: skip
+    obs = rl.sample_batch([0, 1] * 8, 64, rng).obs
+    prior_z, noise = torch.randn(16, LAT), torch.randn(16, LAT)
+    before = agent.policy.dist_params_with_weights(agent.policy.task_weights(prior_z), obs)[0].detach()
+    for _ in range(15):
+        indices = rng.integers(0, 2, size=4)
+        train_step(agent, optimizers, rl.sample_batch(indices, 64, rng),
+                   encoder_buffers.sample_context(indices, CONTEXT_SIZE, rng))  # fmt: skip
+    with torch.no_grad():
+        posterior = agent.encoder.posterior(encoder_buffers.sample_context([0, 1] * 8, CONTEXT_SIZE, rng))
+        posterior_z = posterior.loc + posterior.scale * noise
+        means, log_stds = zip(*(agent.policy.dist_params_with_weights(agent.policy.task_weights(z), obs)
+                                for z in (prior_z, posterior_z)))  # fmt: skip
+    assert (means[0] - before).abs().mean() > 0.01  # the updates did move the policy at prior z
+    assert policy_saturation(agent.policy, obs, prior_z) < 0.01 and log_stds[0].mean() > -2.0
+    assert means[0].abs().mean() < 10 * means[1].abs().mean()  # homogeneity in z gave (2.2 / 0.1)^2 ~ 500
 
 
 # Replay and sampling
@@ -648,7 +915,8 @@ SMALL_RUN = ["--env-id", "HalfCheetahVel", "--num-iterations", "2", "--num-train
 TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_loss", "losses/qf2_loss",
         "losses/qf_loss", "losses/qf1_values", "losses/qf2_values", "losses/vf_loss", "losses/actor_loss", "losses/kl_div",
         "eval/average_return_all_test_tasks", "eval/average_return_all_train_tasks", "eval/test_return_trajectory_1",
-        "eval/test_return_trajectory_2"]  # fmt: skip
+        "eval/test_return_trajectory_2", "charts/policy_saturation_prior_z",
+        "charts/policy_saturation_posterior_z"]  # fmt: skip
 
 
 run = partial(run_script, SCRIPT)
@@ -704,6 +972,20 @@ def test_resume_refuses_different_settings(small_runs, tmp_path):
                 "--resume", os.path.join(run_dir, "checkpoint.pt")], tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: the checkpoint was made with different settings: --reward-scale 5.0 (given 1.0)")
+
+
+def test_resume_refuses_a_checkpoint_from_before_a_setting_existed(small_runs, tmp_path):
+    _, run_dir = small_runs("hyper")
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    del checkpoint["args"]["hyper_embedding_norm"]  # as written before the flag existed, with the old default init
+    checkpoint["args"]["hyper_init"] = "kaiming"
+    torch.save(checkpoint, tmp_path / "old.pt")
+    resume = ["--model", "hyper", "--num-iterations", "3", "--resume", str(tmp_path / "old.pt")]
+    proc = run([*SMALL_RUN, *resume], tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: the checkpoint was made with different settings: ")
+    assert "--hyper-init kaiming (given pytorch)" in proc.stderr
+    assert "--hyper-embedding-norm None (given 8.0)" in proc.stderr
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(small_runs, tmp_path):
