@@ -926,17 +926,17 @@ def make_run_dir(args: Args) -> tuple:
     fail(f"cannot find a free run directory name for {base}")
 
 
-def save_checkpoint(path, args, run_name, global_step, obs, sac, rb, env, rngs, progress) -> None:
+def save_checkpoint(path, args, run_name, global_step, obs, agent, rb, env, rngs, progress) -> None:
     """Everything a resumed run needs, each part from its object's state_dict."""
-    objects = {"agent": sac, "replay_buffer": rb, "env": env, "rngs": rngs, "progress": progress}
+    objects = {"agent": agent, "replay_buffer": rb, "env": env, "rngs": rngs, "progress": progress}
     contents = {"args": vars(args), "run_name": run_name, "global_step": global_step, "obs": torch.as_tensor(obs)}
     save_file({**contents, **{name: obj.state_dict() for name, obj in objects.items()}}, path, kind="checkpoint")
 
 
-def restore_checkpoint(checkpoint, sac, rb, env, rngs, progress) -> tuple:
+def restore_checkpoint(checkpoint, agent, rb, env, rngs, progress) -> tuple:
     """Puts every object back where the checkpoint left it; returns (global_step, current observation)."""
     try:
-        sac.load_state_dict(checkpoint["agent"])
+        agent.load_state_dict(checkpoint["agent"])
     except (RuntimeError, KeyError, ValueError) as e:
         fail(f"the checkpoint's networks do not fit these settings: {str(e).splitlines()[0][:200]}")
     rb.load_state_dict(checkpoint["replay_buffer"])
@@ -1087,7 +1087,7 @@ if __name__ == "__main__":
     if args.critic in HYPER_CRITICS and args.hyper_init == "pytorch":
         meta_samples = collect_meta_samples(args, args.env_id, args.hyper_init_samples, args.seed + 200)
     with out_of_memory_fails("the networks and the replay buffer"):
-        sac = SAC(args, obs_dim, act_dim, env.action_space.low, env.action_space.high, meta_samples, device)
+        agent = SAC(args, obs_dim, act_dim, env.action_space.low, env.action_space.high, meta_samples, device)
         rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, args.seed)
     rngs, progress = GlobalRNGs(), Progress(args.total_timesteps, 0)
 
@@ -1096,14 +1096,14 @@ if __name__ == "__main__":
     start_step = 0
     if checkpoint is not None:
         run_name, run_dir = checkpoint["run_name"], os.path.dirname(os.path.abspath(args.resume))
-        start_step, obs = restore_checkpoint(checkpoint, sac, rb, env, rngs, progress)
+        start_step, obs = restore_checkpoint(checkpoint, agent, rb, env, rngs, progress)
         progress.new_phase(start_step)
         print(f"resumed {run_name} at step {start_step} from {args.resume}")
     else:
         run_name, run_dir = make_run_dir(args)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     writer = open_writer(args, run_name, run_dir, resumed_at=start_step if checkpoint is not None else None)
-    n_params = sum(p.numel() for p in sac.qf1.parameters())
+    n_params = sum(p.numel() for p in agent.qf1.parameters())
     print(
         f"{run_name}: critic {args.critic} ({n_params:,} parameters per Q-network), "
         f"q_lr {critic_lr(args):g}, device {device}"
@@ -1117,7 +1117,7 @@ if __name__ == "__main__":
                 action = env.action_space.sample()
             else:
                 with torch.no_grad():
-                    action, _, _ = sac.actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+                    action, _, _ = agent.actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
                 action = action[0].cpu().numpy()
 
             # TRY NOT TO MODIFY: execute the game and log data.
@@ -1134,17 +1134,17 @@ if __name__ == "__main__":
             # ALGO LOGIC: training.
             if global_step > args.learning_starts:
                 batch = rb.sample(args.batch_size, device)
-                metrics = sac.update(*batch)
+                metrics = agent.update(*batch)
                 if global_step % 100 == 0:
                     for name, value in metrics.items():
                         writer.add_scalar(f"losses/{name}", value.item(), global_step)
-                    writer.add_scalar("losses/alpha", sac.log_alpha.exp().item(), global_step)
-                    saturation, grad_agreement = actor_saturation_diagnostics(sac.actor, sac.qf1, sac.qf2, batch[0])
+                    writer.add_scalar("losses/alpha", agent.log_alpha.exp().item(), global_step)
+                    saturation, grad_agreement = actor_saturation_diagnostics(agent.actor, agent.qf1, agent.qf2, batch[0])
                     writer.add_scalar("charts/actor_saturation", saturation, global_step)
                     writer.add_scalar("charts/action_grad_sign_agreement", grad_agreement, global_step)
 
             if args.eval_freq and global_step % args.eval_freq == 0:
-                returns = evaluate(sac.actor, eval_env, args.eval_episodes, args.seed + 100, device)
+                returns = evaluate(agent.actor, eval_env, args.eval_episodes, args.seed + 100, device)
                 progress.last_eval = float(np.mean(returns))
                 writer.add_scalar("eval/episodic_return", progress.last_eval, global_step)
             if global_step % 100 == 0:
@@ -1156,7 +1156,7 @@ if __name__ == "__main__":
             if global_step == args.learning_starts:
                 progress.new_phase(global_step)  # from here the rate, and so the ETA, is that of learning steps
             if stop.requested or checkpoint_due(args, global_step):
-                save_checkpoint(checkpoint_path, args, run_name, global_step, obs, sac, rb, env, rngs, progress)
+                save_checkpoint(checkpoint_path, args, run_name, global_step, obs, agent, rb, env, rngs, progress)
             if stop.requested:
                 exit_interrupted(writer, global_step, checkpoint_path)
     except NonFinite as e:
@@ -1164,7 +1164,7 @@ if __name__ == "__main__":
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        nets = {"actor": sac.actor.state_dict(), "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict()}
+        nets = {"actor": agent.actor.state_dict(), "qf1": agent.qf1.state_dict(), "qf2": agent.qf2.state_dict()}
         save_file({"args": vars(args), **nets}, model_path, kind="model")
         print(f"model saved to {model_path}; evaluate it with: python {SCRIPT} --eval-model {model_path}")
     env.close()

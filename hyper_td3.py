@@ -67,9 +67,15 @@ Where we depart from the authors' released TD3 code (github keynans/HypeRL, TD3/
 - They also evaluate the untrained policy at step 0; our first evaluation is at step --eval-freq.
 """
 
+import contextlib
 import copy
+import dataclasses
+import hashlib
+import importlib.util
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -91,7 +97,7 @@ HYPER_CRITICS = ("sa-hyper", "as-hyper")
 @dataclass
 class Args:
     # --- experiment ---
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    exp_name: str = "hyper_td3"
     """the name of this experiment (part of the run name)"""
     seed: int = 1
     """seed of the experiment (environment, networks, noise, replay sampling)"""
@@ -116,13 +122,13 @@ class Args:
     save_model: bool = False
     """save the final actor and critics (and their targets) to runs/{run_name}/{exp_name}.cleanrl_model"""
     snapshot_freq: int = 0
-    """with --save-model: also save the models every this many steps to runs/{run_name}/snapshots/step_{N}.cleanrl_model (0 disables)"""
+    """with --save-model: also save the models every this many steps to runs/{run_name}/snapshots/ (0 disables)"""
     checkpoint_freq: int = 25000
     """write a resumable checkpoint to runs/{run_name}/checkpoint.pt every this many steps (0 disables)"""
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
     eval_model: Optional[str] = None
-    """path of a saved .cleanrl_model (or snapshot, or checkpoint): skip training, evaluate it for --eval-episodes episodes"""
+    """a saved .cleanrl_model, snapshot or checkpoint.pt: skip training, evaluate its actor (--eval-episodes)"""
     capture_video: bool = False
     """with --eval-model: record the evaluation episodes to videos/ (headless: set MUJOCO_GL=egl or osmesa)"""
 
@@ -156,7 +162,7 @@ class Args:
 
     # --- model ---
     critic: CriticName = "sa-hyper"
-    """Q-network model: sa-hyper (paper), as-hyper, mlp (2x256), mlp-small (1x256), mlp-large (2x2900), resnet-features, res35, d2rl"""
+    """Q-network: sa-hyper (paper), as-hyper, mlp (2x256), mlp-small, mlp-large, resnet-features, res35, d2rl"""
     hyper_embedding_dim: int = 1024
     """width of the primary network's output embedding; its stages are dim/4, dim/2, dim (paper: 256, 512, 1024)"""
     hyper_blocks: int = 2
@@ -164,21 +170,17 @@ class Args:
     hyper_dynamic_hidden: int = 256
     """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
     hyper_init: Literal["pytorch", "authors"] = "pytorch"
-    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first states, gains 1 (paper Sec. 2); authors: the released TD3 code's constants"""
+    """pytorch: generated weights and biases like nn.Linear's default init on the first states (paper Sec. 2);
+    authors: the released TD3 code's constants"""
     hyper_embedding_norm: float = 8.0
-    """--hyper-init pytorch: rms norm of the primary network's embedding over the first states; sets how far one Adam step moves the generated weights (8: as far as with the released constants)"""
+    """with --hyper-init pytorch: rms norm of the embedding on the first states; sets how far an Adam step moves
+    the generated weights (8: as far as with the released constants)"""
     hyper_init_samples: int = 1000
     """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init pytorch"""
     mlp_large_width: int = 2900
     """hidden width of both layers of mlp-large (paper: 2900, about 9M weights)"""
     res35_blocks: int = 35
     """residual blocks of res35 (paper: 35, about 4.5M weights)"""
-
-
-def fail(message: str) -> None:
-    """One clear error line and a non-zero exit, instead of a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
@@ -188,6 +190,8 @@ def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
         fail(f"cannot make environment {env_id!r}: {type(e).__name__}: {e}")
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"{env_id} has a {type(env.action_space).__name__} action space; TD3 needs a continuous Box action space")
+    if len(env.action_space.shape) != 1:
+        fail(f"{env_id} has a {env.action_space.shape}-shaped action space; TD3 needs a flat (1-D) Box action space")
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
         fail(f"{env_id} must have a flat Box observation space, got {env.observation_space}")
     if not np.all(np.isfinite(env.action_space.low)) or not np.all(np.isfinite(env.action_space.high)):
@@ -264,7 +268,10 @@ class HyperCritic(nn.Module):
         meta_dim, base_dim = (obs_dim, act_dim) if meta_is_state else (act_dim, obs_dim)
         self.primary = PrimaryNetwork(meta_dim, embedding_dim, blocks)
         self.heads = nn.ModuleList(
-            [DynamicLayerHeads(embedding_dim, base_dim, dynamic_hidden), DynamicLayerHeads(embedding_dim, dynamic_hidden, 1)]
+            [
+                DynamicLayerHeads(embedding_dim, base_dim, dynamic_hidden),
+                DynamicLayerHeads(embedding_dim, dynamic_hidden, 1),
+            ]
         )
 
     def dynamic_weights(self, meta):
@@ -276,7 +283,9 @@ class HyperCritic(nn.Module):
         return dynamic_forward(self.dynamic_weights(meta), base)
 
 
-def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0) -> None:
+def init_hypernetwork(
+    critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0
+) -> None:
     """Initialize the primary network and heads.
 
     pytorch (default). The paper (Sec. 2) initializes the primary network so that "the initial dynamic
@@ -369,7 +378,10 @@ class Res35Critic(nn.Module):
     def __init__(self, obs_dim, act_dim, blocks=35, width=256):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(obs_dim + act_dim, width), *[ResBlock(width) for _ in range(blocks)], nn.ReLU(), nn.Linear(width, 1)
+            nn.Linear(obs_dim + act_dim, width),
+            *[ResBlock(width) for _ in range(blocks)],
+            nn.ReLU(),
+            nn.Linear(width, 1),
         )
 
     def forward(self, obs, act):
@@ -399,7 +411,9 @@ def make_critic(args: Args, obs_dim: int, act_dim: int, meta_samples: Optional[t
     CleanRL's critics do); `meta_samples` feed the pytorch hyper-init (unit Gaussian samples when None)."""
     if args.critic in HYPER_CRITICS:
         meta_is_state = args.critic == "sa-hyper"
-        critic = HyperCritic(obs_dim, act_dim, meta_is_state, args.hyper_embedding_dim, args.hyper_blocks, args.hyper_dynamic_hidden)
+        critic = HyperCritic(
+            obs_dim, act_dim, meta_is_state, args.hyper_embedding_dim, args.hyper_blocks, args.hyper_dynamic_hidden
+        )
         if meta_samples is None:
             meta_samples = torch.randn(256, obs_dim if meta_is_state else act_dim)
         init_hypernetwork(critic, args.hyper_init, meta_samples, args.hyper_embedding_norm)
@@ -457,7 +471,10 @@ def smoothed_target_action(target_actor: Actor, next_obs, policy_noise: float, n
     action scale, and every dimension is clipped to its own bounds."""
     action = target_actor(next_obs)
     noise = (torch.randn_like(action) * policy_noise).clamp(-noise_clip, noise_clip) * target_actor.action_scale
-    low, high = target_actor.action_bias - target_actor.action_scale, target_actor.action_bias + target_actor.action_scale
+    low, high = (
+        target_actor.action_bias - target_actor.action_scale,
+        target_actor.action_bias + target_actor.action_scale,
+    )
     return (action + noise).clamp(low, high)
 
 
@@ -511,8 +528,79 @@ def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
+def critic_lr(args: Args) -> float:
+    """The paper's tuned 5e-5 for hypernetwork critics, 3e-4 otherwise, unless --q-lr is given."""
+    return args.q_lr if args.q_lr is not None else (5e-5 if args.critic in HYPER_CRITICS else 3e-4)
+
+
+class TD3:
+    """The learner: deterministic actor, twin critics, target copies of all three, their Adam optimizers, and the
+    count of critic updates that times the delayed actor updates. `update` is one TD3 update (TD3 paper, Alg. 1)."""
+
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, action_low, action_high, meta_samples, device):
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, action_low, action_high).to(device)
+        self.qf1 = make_critic(args, obs_dim, act_dim, meta_samples).to(device)
+        self.qf2 = make_critic(args, obs_dim, act_dim, meta_samples).to(device)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.qf1_target = copy.deepcopy(self.qf1).requires_grad_(False)
+        self.qf2_target = copy.deepcopy(self.qf2).requires_grad_(False)
+        self.q_optimizer = optim.Adam([*self.qf1.parameters(), *self.qf2.parameters()], lr=critic_lr(args))
+        self.actor_optimizer = optim.Adam(self.actor.parameters(), lr=args.policy_lr)
+        self.critic_updates, self.last_actor_loss = 0, None  # the policy delay counts critic updates
+
+    def update(self, obs, actions, rewards, next_obs, terminations) -> dict:
+        """A critic step on one minibatch; every --policy-frequency critic steps also an actor step and the target
+        updates. Returns the losses and values for logging (actor_loss: the latest actor step's)."""
+        args = self.args
+        with torch.no_grad():
+            next_actions = smoothed_target_action(self.actor_target, next_obs, args.policy_noise, args.noise_clip)
+            next_q1, next_q2 = self.qf1_target(next_obs, next_actions), self.qf2_target(next_obs, next_actions)
+            target = td3_target(rewards, terminations, next_q1, next_q2, args.gamma)
+        qf1_values, qf2_values = self.qf1(obs, actions), self.qf2(obs, actions)
+        qf1_loss, qf2_loss = F.mse_loss(qf1_values, target), F.mse_loss(qf2_values, target)
+        guarded_step(self.q_optimizer, qf1_loss + qf2_loss, "critic", qf1_loss=qf1_loss, qf2_loss=qf2_loss)
+        self.critic_updates += 1
+
+        if is_actor_step(self.critic_updates, args.policy_frequency):
+            actor_loss = td3_actor_loss(self.actor, self.qf1, obs)
+            guarded_step(self.actor_optimizer, actor_loss, "actor", actor_loss=actor_loss)
+            self.last_actor_loss = actor_loss.item()
+            polyak_update(self.actor, self.actor_target, args.tau)
+            polyak_update(self.qf1, self.qf1_target, args.tau)
+            polyak_update(self.qf2, self.qf2_target, args.tau)
+
+        metrics = {"qf1_values": qf1_values.mean(), "qf2_values": qf2_values.mean(), "qf1_loss": qf1_loss,
+                   "qf2_loss": qf2_loss, "qf_loss": (qf1_loss + qf2_loss) / 2.0}  # fmt: skip
+        if self.last_actor_loss is not None:
+            metrics["actor_loss"] = torch.tensor(self.last_actor_loss)
+        return metrics
+
+    NETS = ("actor", "qf1", "qf2", "actor_target", "qf1_target", "qf2_target")
+
+    def models(self) -> dict:
+        """Actor, critics and their targets: what a saved model or snapshot holds, enough to analyse it later."""
+        return {name: getattr(self, name).state_dict() for name in self.NETS}
+
+    def state_dict(self) -> dict:
+        optimizers = {name: getattr(self, name).state_dict() for name in ("q_optimizer", "actor_optimizer")}
+        return {
+            **self.models(),
+            **optimizers,
+            "critic_updates": self.critic_updates,
+            "last_actor_loss": self.last_actor_loss,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in (*self.NETS, "q_optimizer", "actor_optimizer"):
+            getattr(self, name).load_state_dict(state[name])
+        self.critic_updates, self.last_actor_loss = state["critic_updates"], state["last_actor_loss"]
+
+
 class ReplayBuffer:
     """Uniform replay of (s, a, r, s', terminated) in numpy; its own RNG, so sampling is checkpointable."""
+
+    FIELDS = ("obs", "next_obs", "actions", "rewards", "terminations")
 
     def __init__(self, capacity, obs_dim, act_dim, seed):
         self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
@@ -532,24 +620,27 @@ class ReplayBuffer:
 
     def sample(self, batch_size, device):
         idx = self.rng.integers(0, self.size, size=batch_size)
-        return [torch.as_tensor(a[idx], device=device) for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminations)]
+        return [
+            torch.as_tensor(a[idx], device=device)
+            for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminations)
+        ]
 
     def state_dict(self):
-        n = self.size
-        arrays = {k: getattr(self, k)[:n].copy() for k in ("obs", "next_obs", "actions", "rewards", "terminations")}
-        return {**arrays, "pos": self.pos, "size": n, "rng": self.rng.bit_generator.state}
+        arrays = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in self.FIELDS}
+        return {**arrays, "pos": self.pos, "size": self.size, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state):
         n = state["size"]
-        for k in ("obs", "next_obs", "actions", "rewards", "terminations"):
-            getattr(self, k)[:n] = state[k]
+        for k in self.FIELDS:
+            getattr(self, k)[:n] = state[k].numpy()
         self.pos, self.size = state["pos"], n
         self.rng.bit_generator.state = state["rng"]
 
 
 def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device) -> list:
-    """Undiscounted returns of the deterministic actor, without exploration noise. The env is reseeded
-    with `seed` at every call, so every evaluation sees the same start states."""
+    """Undiscounted returns of the deterministic actor, without exploration noise. The env is reseeded with `seed` at
+    every call, so every evaluation sees the same start states; no random number is drawn, so evaluating does not
+    change training."""
     returns = []
     obs, _ = env.reset(seed=seed)
     while len(returns) < episodes:
@@ -585,55 +676,418 @@ def collect_meta_samples(args: Args, env_id: str, n: int, seed: int) -> torch.Te
     return torch.as_tensor(np.array(states), dtype=torch.float32)
 
 
+# ======================================================================================================================
+# RUN INFRASTRUCTURE: not the algorithm. Argument checks, the run directory, checkpoints and exact resume, the
+# non-finite guard, Ctrl-C, the progress line, evaluating a saved model.
+# ======================================================================================================================
+SCRIPT = "hyper_td3.py"
+FILE_FORMAT = "hyper_td3/2"  # checkpoints and models carry it; files of other scripts or versions are refused
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One clear error line and a non-zero exit, instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def check_args(args: Args) -> None:
     positive = ["total_timesteps", "buffer_size", "batch_size", "eval_episodes", "progress_freq", "policy_frequency",
                 "hyper_embedding_dim", "hyper_dynamic_hidden", "hyper_init_samples", "mlp_large_width"]  # fmt: skip
     for name in positive:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_freq", "checkpoint_freq", "snapshot_freq", "hyper_blocks", "res35_blocks", "num_threads",
-                 "policy_noise", "noise_clip", "exploration_noise"]:  # fmt: skip
+    non_negative = ["seed", "learning_starts", "eval_freq", "checkpoint_freq", "snapshot_freq", "hyper_blocks",
+                    "res35_blocks", "num_threads", "policy_noise", "noise_clip", "exploration_noise"]  # fmt: skip
+    for name in non_negative:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            fail(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     if args.hyper_embedding_dim % 4:
-        fail(f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}")
+        fail(
+            f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}"
+        )
     if args.batch_size > args.buffer_size:
         fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
     if args.batch_size > max(args.learning_starts, 1):
-        fail(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: the first update would sample a buffer smaller than one batch")
+        fail(
+            f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
+            "the first update would sample a buffer smaller than one batch"
+        )
     if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
         fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
-    for name in ["policy_lr", "q_lr"]:
+    for name in ["policy_lr", "q_lr", "hyper_embedding_norm"]:
         value = getattr(args, name)
         if value is not None and not value > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.snapshot_freq and not args.save_model:
         fail("--snapshot-freq saves models, so it needs --save-model")
-    if not 0 < args.hyper_embedding_norm < float("inf"):
-        fail(f"--hyper-embedding-norm must be positive and finite, got {args.hyper_embedding_norm}")
+    if not args.exp_name or os.sep in args.exp_name or (os.altsep and os.altsep in args.exp_name):
+        fail(f"--exp-name must be a plain name (it becomes part of a directory name), got {args.exp_name!r}")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        fail('--capture-video needs moviepy: pip install -e ".[video]"')
 
 
-# Settings that change what a run computes; a resumed run must use the checkpoint's values.
-RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "buffer_size", "gamma", "tau", "batch_size",
-                     "learning_starts", "policy_lr", "q_lr", "policy_noise", "noise_clip", "exploration_noise",
-                     "policy_frequency", "critic", "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden",
-                     "hyper_init", "hyper_embedding_norm", "hyper_init_samples", "mlp_large_width", "res35_blocks")  # fmt: skip
+def check_memory(args: Args, obs_dim: int, act_dim: int) -> None:
+    """Refuse a replay buffer larger than the machine's memory before allocating it (numpy would allocate it
+    lazily and the run would be killed once the buffer fills)."""
+    needed = args.buffer_size * 4 * (2 * obs_dim + act_dim + 2)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if memory and needed > memory:
+        fail(
+            f"--buffer-size {args.buffer_size} needs {needed / 2**30:.1f} GiB for the replay buffer; "
+            f"this machine has {memory / 2**30:.1f} GiB"
+        )
 
 
-def atomic_save(obj, path: str) -> None:
-    """Write to a temporary file, flush it to disk, then rename over `path`: a crash mid-write leaves the
-    previous file intact."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# Settings that may differ between a run and its resumption; every other setting changes what the run computes.
+RESUME_MAY_DIFFER = ("total_timesteps", "progress_freq", "checkpoint_freq", "num_threads", "cuda", "track",
+                     "wandb_project_name", "wandb_entity", "save_model", "snapshot_freq", "resume", "eval_model",
+                     "capture_video", "exp_name")  # fmt: skip
+
+
+def check_resume_settings(saved: dict, args: Args) -> None:
+    differing = [
+        f.name
+        for f in dataclasses.fields(args)
+        if f.name not in RESUME_MAY_DIFFER and saved.get(f.name) != getattr(args, f.name)
+    ]
+    if differing:
+        listing = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (given {getattr(args, k)})" for k in differing)
+        fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
+
+
+class ResumableEnv(gym.Wrapper):
+    """Records how the current episode began (its reset seed, or the environment's RNG state before an unseeded
+    reset), the actions taken since, and the episode's return and length. `load_state_dict` replays them, which puts a
+    deterministic environment back exactly where it was."""
+
+    def reset(self, *, seed=None, options=None):
+        rng = None if seed is not None else copy.deepcopy(self.unwrapped.np_random.bit_generator.state)
+        self.start, self.actions = {"seed": seed, "rng": rng}, []
+        self.episodic_return, self.episodic_length = 0.0, 0
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.actions.append(np.array(action, dtype=np.float32))
+        self.episodic_return += float(reward)
+        self.episodic_length += 1
+        return obs, reward, terminated, truncated, info
+
+    def state_dict(self) -> dict:
+        actions = torch.as_tensor(np.array(self.actions, dtype=np.float32)).reshape(
+            len(self.actions), *self.action_space.shape
+        )
+        return {
+            "start": self.start,
+            "actions": actions,
+            "action_space_rng": self.action_space.np_random.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> np.ndarray:
+        """Replays the recorded episode; returns the current observation."""
+        if state["start"]["seed"] is not None:
+            obs, _ = self.reset(seed=state["start"]["seed"])
+        else:
+            self.unwrapped.np_random.bit_generator.state = state["start"]["rng"]
+            obs, _ = self.reset()
+        for action in state["actions"].numpy():
+            obs, *_ = self.step(action)
+        self.action_space.np_random.bit_generator.state = state["action_space_rng"]
+        return obs
+
+
+class GlobalRNGs:
+    """The global random streams training draws from: Python's, NumPy's legacy one, torch's CPU and CUDA generators."""
+
+    def state_dict(self) -> dict:
+        name, key, pos, has_gauss, cached = np.random.get_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        numpy_state = [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached]
+        return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state: dict) -> None:
+        name, key, pos, has_gauss, cached = state["numpy"]
+        random.setstate(state["python"])
+        np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Progress:
+    """The console line every --progress-freq steps: step, steps/s and ETA over the current phase (random actions,
+    then learning; the first is much faster), the latest training and evaluation returns."""
+
+    def __init__(self, total_steps: int, step: int):
+        self.total_steps, self.last_return, self.last_eval = total_steps, float("nan"), float("nan")
+        self.new_phase(step)
+
+    def new_phase(self, step: int) -> None:
+        self.since_time, self.since_step = time.time(), step
+
+    def print(self, step: int) -> None:
+        rate = (step - self.since_step) / max(time.time() - self.since_time, 1e-9)
+        self.new_phase(step)
+        eta = format_duration((self.total_steps - step) / max(rate, 1e-9))
+        fields = [f"step {step}/{self.total_steps}", f"{rate:.1f} steps/s", f"ETA {eta}"]
+        fields += [
+            f"{name} {v:.1f}" for name, v in (("return", self.last_return), ("eval", self.last_eval)) if np.isfinite(v)
+        ]
+        print(" | ".join(fields), flush=True)
+
+    def state_dict(self) -> dict:
+        return {"last_return": self.last_return, "last_eval": self.last_eval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_return, self.last_eval = state["last_return"], state["last_eval"]
 
 
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+class NonFinite(Exception):
+    """A loss or, after an optimizer step, a weight is NaN or infinite."""
+
+
+def guarded_step(optimizer: optim.Optimizer, loss: torch.Tensor, name: str, **losses: torch.Tensor) -> None:
+    """zero_grad, backward, step, with the run's guard: the named losses must be finite before the step (so a NaN
+    never reaches the weights) and every weight the optimizer owns must be finite after it."""
+    for loss_name, value in losses.items():
+        if not torch.isfinite(value).all():
+            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
+        raise NonFinite(f"non-finite weights after the {name} step")
+
+
+def content_digest(obj) -> str:
+    """SHA-256 over every tensor's bytes and every plain value of a nested checkpoint, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            digest.update(f"tensor{x.dtype}{tuple(x.shape)}".encode())
+            digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for key in sorted(x, key=repr):
+                digest.update(repr(key).encode())
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__}{len(x)}".encode())
+            for item in x:
+                visit(item)
+        else:
+            digest.update(repr(x).encode())
+
+    visit(obj)
+    return digest.hexdigest()
+
+
+def save_file(contents: dict, path: str, kind: str) -> None:
+    """Write a checkpoint or model: tensors and plain containers only (so it loads with torch.load(weights_only=True)),
+    with its format, kind and a digest of its contents. Written to a temporary file, flushed to disk, then renamed
+    over `path`: a crash or a full disk mid-write leaves the previous file intact."""
+    contents = {**contents, "format": FILE_FORMAT, "kind": kind}
+    contents["sha256"] = content_digest(contents)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(contents, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            fail(f"cannot write {path}: {e.strerror or e}; the previous file there, if any, is intact")
+        raise
+
+
+def load_file(path: str, kinds: tuple) -> dict:
+    """Load a file written by save_file without running any code from it (weights_only), and refuse anything else:
+    another script's or version's file, a corrupted one (its digest differs), or one of another kind."""
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"cannot load {path}: no such file")
+    except Exception as e:  # unpickling errors, foreign pickles, truncated or random bytes: all end the same way
+        fail(
+            f"cannot load {path}: not a checkpoint or model written by {SCRIPT} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        )
+    if not isinstance(contents, dict) or contents.get("format") != FILE_FORMAT:
+        fail(f"cannot load {path}: not a checkpoint or model written by this version of {SCRIPT}")
+    digest = contents.pop("sha256", None)
+    if digest != content_digest(contents):
+        fail(f"cannot load {path}: its contents do not match their checksum (the file is corrupted)")
+    if contents["kind"] not in kinds:
+        fail(f"cannot load {path}: it is a {contents['kind']}, expected a {' or '.join(kinds)}")
+    return contents
+
+
+def make_run_dir(args: Args) -> tuple:
+    """A new directory runs/{env}__{exp_name}__{critic}__{seed}__{unix time}, suffixed -1, -2, ... when runs started in
+    the same second took the name (mkdir is atomic, so two runs never share one)."""
+    env_name = args.env_id.replace("/", "-").replace(":", "-")
+    base = f"{env_name}__{args.exp_name}__{args.critic}__{args.seed}__{int(time.time())}"
+    for i in range(1000):
+        run_name = base if i == 0 else f"{base}-{i}"
+        try:
+            os.makedirs(os.path.join("runs", run_name))
+            return run_name, os.path.join("runs", run_name)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            fail(f"cannot create the run directory runs/{run_name}: {e.strerror or e}")
+    fail(f"cannot find a free run directory name for {base}")
+
+
+def save_checkpoint(path, args, run_name, global_step, obs, agent, rb, env, rngs, progress) -> None:
+    """Everything a resumed run needs, each part from its object's state_dict."""
+    objects = {"agent": agent, "replay_buffer": rb, "env": env, "rngs": rngs, "progress": progress}
+    contents = {"args": vars(args), "run_name": run_name, "global_step": global_step, "obs": torch.as_tensor(obs)}
+    save_file({**contents, **{name: obj.state_dict() for name, obj in objects.items()}}, path, kind="checkpoint")
+
+
+def restore_checkpoint(checkpoint, agent, rb, env, rngs, progress) -> tuple:
+    """Puts every object back where the checkpoint left it; returns (global_step, current observation)."""
+    try:
+        agent.load_state_dict(checkpoint["agent"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        fail(f"the checkpoint's networks do not fit these settings: {str(e).splitlines()[0][:200]}")
+    rb.load_state_dict(checkpoint["replay_buffer"])
+    obs = env.load_state_dict(checkpoint["env"])
+    if not np.array_equal(obs, checkpoint["obs"].numpy()):
+        fail(
+            f"{env.spec.id} did not reproduce the checkpoint's observation when replayed; "
+            "it is not deterministic, so the run cannot be resumed exactly"
+        )
+    rngs.load_state_dict(checkpoint["rngs"])
+    progress.load_state_dict(checkpoint["progress"])
+    return checkpoint["global_step"], obs
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the run to stop at the end of the current step, where its state is consistent and can
+    be checkpointed; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            fail("interrupted twice; stopped without writing a checkpoint", code=130)
+        self.requested = True
+        print("stopping at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+def resume_command(checkpoint_path: str) -> str:
+    """This run's command line with --resume pointing at `checkpoint_path`."""
+    flags, skip_next = [], False
+    for arg in sys.argv[1:]:
+        if skip_next or arg.startswith("--resume="):
+            skip_next = False
+            continue
+        if arg == "--resume":
+            skip_next = True
+            continue
+        flags.append(arg)
+    return shlex.join(["python", SCRIPT, *flags, "--resume", checkpoint_path])
+
+
+@contextlib.contextmanager
+def out_of_memory_fails(what: str):
+    """A failed allocation (MemoryError, or torch's RuntimeError) ends the run with one error line."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "alloc" not in str(e):
+            raise
+        fail(f"not enough memory for {what} at these sizes ({type(e).__name__})")
+
+
+def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[int]) -> SummaryWriter:
+    """The TensorBoard writer (mirrored to Weights and Biases with --track), the hyperparameter table first. A resumed
+    run purges what the interrupted one logged after its checkpoint."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights and Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
+    writer = SummaryWriter(run_dir, purge_step=resumed_at + 1 if resumed_at is not None else None)
+    settings = {**vars(args), "q_lr (effective)": critic_lr(args)}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def save_models(path: str, args: Args, global_step: int, agent: TD3) -> None:
+    """The final model and the snapshots: actor, critics and their targets (grad_probe.py probes them)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({"args": vars(args), "global_step": global_step, **agent.models()}, path, kind="model")
+
+
+def checkpoint_due(args: Args, step: int) -> bool:
+    return bool(args.checkpoint_freq) and (step % args.checkpoint_freq == 0 or step == args.total_timesteps)
+
+
+def exit_interrupted(writer: SummaryWriter, step: int, checkpoint_path: str) -> None:
+    writer.close()
+    print(
+        f"interrupted at step {step}; checkpoint written; resume with: {resume_command(checkpoint_path)}",
+        file=sys.stderr,
+    )
+    sys.exit(130)
+
+
+def exit_non_finite(writer: SummaryWriter, error: NonFinite, step: int, checkpoint_path: str) -> None:
+    writer.close()
+    intact = os.path.exists(checkpoint_path)
+    fail(
+        f"{error} at step {step}; stopping, "
+        + (f"the last checkpoint ({checkpoint_path}) is intact" if intact else "no checkpoint was written")
+    )
+
+
+def evaluate_saved_model(args: Args, device) -> None:
+    """--eval-model: evaluate the actor of a saved model, snapshot or checkpoint for --eval-episodes episodes."""
+    saved = load_file(args.eval_model, kinds=("model", "checkpoint"))
+    actor_state = saved["actor"] if saved["kind"] == "model" else saved["agent"]["actor"]
+    env_id = saved["args"]["env_id"]
+    env = make_env(env_id, render_mode="rgb_array" if args.capture_video else None)
+    if args.capture_video:
+        video_dir = os.path.join(
+            "videos", f"{os.path.basename(os.path.dirname(os.path.abspath(args.eval_model)))}-eval"
+        )
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: True, disable_logger=True)
+    actor = Actor(
+        env.observation_space.shape[0], env.action_space.shape[0], env.action_space.low, env.action_space.high
+    ).to(device)
+    try:
+        actor.load_state_dict(actor_state)
+    except RuntimeError as e:
+        fail(f"the saved actor does not fit {env_id}: {str(e).splitlines()[0][:200]}")
+    returns = evaluate(actor, env, args.eval_episodes, args.seed + 100, device)
+    env.close()
+    print(
+        f"{env_id}: {len(returns)} episodes, return {np.mean(returns):.1f} +- {np.std(returns):.1f} "
+        f"(min {np.min(returns):.1f}, max {np.max(returns):.1f})"
+    )
 
 
 if __name__ == "__main__":
@@ -642,42 +1096,13 @@ if __name__ == "__main__":
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    if args.eval_model:  # load a saved model, snapshot or checkpoint and evaluate its actor; no training
-        try:
-            saved = torch.load(args.eval_model, map_location=device, weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
-            fail(f"cannot load model {args.eval_model}: {e}")
-        if not isinstance(saved, dict) or "actor" not in saved or "args" not in saved:
-            fail(f"{args.eval_model} is not a model or checkpoint saved by {os.path.basename(__file__)}")
-        env_id = saved["args"]["env_id"]
-        env = make_env(env_id, render_mode="rgb_array" if args.capture_video else None)
-        if args.capture_video:
-            video_dir = os.path.join("videos", f"{os.path.basename(os.path.dirname(os.path.abspath(args.eval_model)))}-eval")
-            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: True, disable_logger=True)
-        actor = Actor(env.observation_space.shape[0], env.action_space.shape[0], env.action_space.low, env.action_space.high).to(device)
-        actor.load_state_dict(saved["actor"])
-        returns = evaluate(actor, env, args.eval_episodes, args.seed + 100, device)
-        env.close()
-        print(f"{env_id}: {len(returns)} episodes, return {np.mean(returns):.1f} +- {np.std(returns):.1f} (min {np.min(returns):.1f}, max {np.max(returns):.1f})")
+    if args.eval_model:
+        evaluate_saved_model(args, device)
         sys.exit(0)
-
-    checkpoint = None
-    if args.resume:
-        try:
-            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
-            fail(f"cannot load checkpoint {args.resume}: {e}")
-        if not isinstance(checkpoint, dict) or "replay_buffer" not in checkpoint or "actor_target" not in checkpoint:
-            fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
-        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"].get(k) != getattr(args, k)]
-        if differing:
-            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)} (given {getattr(args, k)})" for k in differing)
-            fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
-        run_name = checkpoint["run_name"]
-    else:
-        run_name = f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    q_lr = args.q_lr if args.q_lr is not None else (5e-5 if args.critic in HYPER_CRITICS else 3e-4)
+    checkpoint = load_file(args.resume, kinds=("checkpoint",)) if args.resume else None
+    if checkpoint is not None:
+        check_resume_settings(checkpoint["args"], args)
+    stop = StopRequest()
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -685,205 +1110,104 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    # env setup: one training env with explicit resets, one evaluation env
-    env = make_env(args.env_id)
+    # env setup: one training env with explicit resets (recorded, for exact resume), one evaluation env
+    env = ResumableEnv(make_env(args.env_id))
     eval_env = make_env(args.env_id)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     action_low, action_high = env.action_space.low, env.action_space.high
     exploration_std = args.exploration_noise * (action_high - action_low) / 2.0  # per dimension, in action units
     env.action_space.seed(args.seed)
+    check_memory(args, obs_dim, act_dim)
 
     # ALGO LOGIC: initialize agent here
     meta_samples = None
     if args.critic in HYPER_CRITICS and args.hyper_init == "pytorch":
         meta_samples = collect_meta_samples(args, args.env_id, args.hyper_init_samples, args.seed + 200)
-    actor = Actor(obs_dim, act_dim, action_low, action_high).to(device)
-    qf1 = make_critic(args, obs_dim, act_dim, meta_samples).to(device)
-    qf2 = make_critic(args, obs_dim, act_dim, meta_samples).to(device)
-    actor_target, qf1_target, qf2_target = copy.deepcopy(actor), copy.deepcopy(qf1), copy.deepcopy(qf2)
-    for target in (actor_target, qf1_target, qf2_target):
-        target.requires_grad_(False)
-    q_optimizer = optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=q_lr)
-    actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr)
-    rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, args.seed)
+    with out_of_memory_fails("the networks and the replay buffer"):
+        agent = TD3(args, obs_dim, act_dim, action_low, action_high, meta_samples, device)
+        rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, args.seed)
+    rngs, progress = GlobalRNGs(), Progress(args.total_timesteps, 0)
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = env.reset(seed=args.seed)
-    episode_start_rng = copy.deepcopy(env.unwrapped.np_random.bit_generator.state)
-    episode_actions = []  # actions since the last reset: a checkpoint replays them to restore the env exactly
-    episodic_return, episodic_length, last_return, last_eval = 0.0, 0, float("nan"), float("nan")
-    critic_updates, last_actor_loss = 0, None  # the policy delay counts critic updates
     start_step = 0
     if checkpoint is not None:
-        nets = {"actor": actor, "actor_target": actor_target, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target, "qf2_target": qf2_target}
-        for key, module in nets.items():
-            module.load_state_dict(checkpoint[key])
-        q_optimizer.load_state_dict(checkpoint["q_optimizer"])
-        actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
-        rb.load_state_dict(checkpoint["replay_buffer"])
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        env.action_space.np_random.bit_generator.state = checkpoint["rng"]["action_space"]
-        episode_start_rng = checkpoint["episode_start_rng"]
-        env.unwrapped.np_random.bit_generator.state = copy.deepcopy(episode_start_rng)
-        obs, _ = env.reset()
-        episode_actions = list(checkpoint["episode_actions"])
-        for action in episode_actions:
-            obs, *_ = env.step(action)
-        if not np.array_equal(obs, checkpoint["obs"]):
-            fail(f"{args.env_id} did not reproduce the checkpoint's observation when replayed; it is not deterministic, so the run cannot be resumed exactly")
-        episodic_return, episodic_length = checkpoint["episodic_return"], checkpoint["episodic_length"]
-        last_return, last_eval = checkpoint["last_return"], checkpoint["last_eval"]
-        critic_updates, last_actor_loss = checkpoint["critic_updates"], checkpoint["last_actor_loss"]
-        start_step = checkpoint["global_step"]
+        run_name, run_dir = checkpoint["run_name"], os.path.dirname(os.path.abspath(args.resume))
+        start_step, obs = restore_checkpoint(checkpoint, agent, rb, env, rngs, progress)
+        progress.new_phase(start_step)
         print(f"resumed {run_name} at step {start_step} from {args.resume}")
-
-    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint is not None else os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    else:
+        run_name, run_dir = make_run_dir(args)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs Weights and Biases: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint is not None else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "q_lr (effective)": q_lr}.items()))
-    n_critic_params = sum(p.numel() for p in qf1.parameters())
-    print(f"{run_name}: critic {args.critic} ({n_critic_params:,} parameters per Q-network), q_lr {q_lr:g}, device {device}")
+    writer = open_writer(args, run_name, run_dir, resumed_at=start_step if checkpoint is not None else None)
+    n_params = sum(p.numel() for p in agent.qf1.parameters())
+    print(
+        f"{run_name}: critic {args.critic} ({n_params:,} parameters per Q-network), "
+        f"q_lr {critic_lr(args):g}, device {device}"
+    )
 
-    def save_models(path: str, global_step: int) -> None:
-        """The final model and the snapshots: actor, critics and their targets, enough to analyse them later."""
-        atomic_save(
-            {
-                "args": vars(args), "global_step": global_step,
-                "actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(),
-                "actor_target": actor_target.state_dict(), "qf1_target": qf1_target.state_dict(), "qf2_target": qf2_target.state_dict(),
-            },
-            path,
-        )  # fmt: skip
+    start_time, global_step = time.time(), start_step
+    try:
+        for global_step in range(start_step + 1, args.total_timesteps + 1):
+            # ALGO LOGIC: put action logic here
+            if global_step <= args.learning_starts:
+                action = env.action_space.sample()
+            else:
+                with torch.no_grad():
+                    action = (
+                        agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
+                    )
+                action = exploration_action(action, exploration_std, action_low, action_high)
 
-    def save_checkpoint(global_step: int) -> None:
-        atomic_save(
-            {
-                "args": vars(args), "run_name": run_name, "global_step": global_step,
-                "actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(),
-                "actor_target": actor_target.state_dict(), "qf1_target": qf1_target.state_dict(), "qf2_target": qf2_target.state_dict(),
-                "q_optimizer": q_optimizer.state_dict(), "actor_optimizer": actor_optimizer.state_dict(),
-                "critic_updates": critic_updates, "last_actor_loss": last_actor_loss,
-                "replay_buffer": rb.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                        "action_space": env.action_space.np_random.bit_generator.state},
-                "episode_start_rng": episode_start_rng, "episode_actions": np.array(episode_actions, dtype=np.float32).reshape(-1, act_dim),
-                "obs": obs, "episodic_return": episodic_return, "episodic_length": episodic_length,
-                "last_return": last_return, "last_eval": last_eval,
-            },
-            checkpoint_path,
-        )  # fmt: skip
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            # next_obs is the true final observation even on truncation: there is no autoreset here
+            rb.add(obs, next_obs, action, reward, terminated)
+            obs = next_obs  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+            if terminated or truncated:
+                writer.add_scalar("charts/episodic_return", env.episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", env.episodic_length, global_step)
+                progress.last_return = env.episodic_return
+                obs, _ = env.reset()
 
-    def check_finite(global_step: int, **losses) -> None:
-        """Stop on a NaN/inf loss before it reaches the weights; the last checkpoint stays as it was."""
-        values = torch.stack([v.detach() for v in losses.values()])
-        if not torch.isfinite(values).all():
-            name = next(k for k, v in losses.items() if not torch.isfinite(v).all())
-            saved = f"the last checkpoint ({checkpoint_path}) is intact" if os.path.exists(checkpoint_path) else "no checkpoint was written"
-            writer.close()
-            fail(f"non-finite {name} ({losses[name].item()}) at step {global_step}; stopping, {saved}")
+            # ALGO LOGIC: training.
+            if global_step > args.learning_starts:
+                batch = rb.sample(args.batch_size, device)
+                metrics = agent.update(*batch)
+                if global_step % 100 == 0:
+                    for name, value in metrics.items():
+                        writer.add_scalar(f"losses/{name}", value.item(), global_step)
+                    saturation, grad_agreement = actor_saturation_diagnostics(agent.actor, agent.qf1, batch[0])
+                    writer.add_scalar("charts/actor_saturation", saturation, global_step)
+                    writer.add_scalar("charts/action_grad_sign_agreement", grad_agreement, global_step)
 
-    start_time, interval_start, interval_step = time.time(), time.time(), start_step
-    for global_step in range(start_step + 1, args.total_timesteps + 1):
-        # ALGO LOGIC: put action logic here
-        if global_step <= args.learning_starts:
-            action = env.action_space.sample()
-        else:
-            with torch.no_grad():
-                action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
-            action = exploration_action(action, exploration_std, action_low, action_high)
-
-        # TRY NOT TO MODIFY: execute the game and log data.
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        episode_actions.append(action)
-        episodic_return += float(reward)
-        episodic_length += 1
-        # next_obs is the true final observation even on truncation: there is no autoreset here
-        rb.add(obs, next_obs, action, reward, terminated)
-        obs = next_obs  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
-        if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-            writer.add_scalar("charts/episodic_length", episodic_length, global_step)
-            last_return, episodic_return, episodic_length = episodic_return, 0.0, 0
-            episode_start_rng = copy.deepcopy(env.unwrapped.np_random.bit_generator.state)
-            episode_actions = []
-            obs, _ = env.reset()
-
-        # ALGO LOGIC: training.
-        if global_step > args.learning_starts:
-            b_obs, b_actions, b_rewards, b_next_obs, b_terminations = rb.sample(args.batch_size, device)
-            with torch.no_grad():
-                next_actions = smoothed_target_action(actor_target, b_next_obs, args.policy_noise, args.noise_clip)
-                target = td3_target(
-                    b_rewards, b_terminations, qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions), args.gamma
-                )  # fmt: skip
-            qf1_values, qf2_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
-            qf1_loss, qf2_loss = F.mse_loss(qf1_values, target), F.mse_loss(qf2_values, target)
-            qf_loss = qf1_loss + qf2_loss
-            check_finite(global_step, qf1_loss=qf1_loss, qf2_loss=qf2_loss)
-            q_optimizer.zero_grad()
-            qf_loss.backward()
-            q_optimizer.step()
-            critic_updates += 1
-
-            if is_actor_step(critic_updates, args.policy_frequency):
-                actor_loss = td3_actor_loss(actor, qf1, b_obs)
-                check_finite(global_step, actor_loss=actor_loss)
-                actor_optimizer.zero_grad()
-                actor_loss.backward()
-                actor_optimizer.step()
-                last_actor_loss = actor_loss.item()
-                polyak_update(actor, actor_target, args.tau)
-                polyak_update(qf1, qf1_target, args.tau)
-                polyak_update(qf2, qf2_target, args.tau)
-
+            if args.eval_freq and global_step % args.eval_freq == 0:
+                returns = evaluate(agent.actor, eval_env, args.eval_episodes, args.seed + 100, device)
+                progress.last_eval = float(np.mean(returns))
+                writer.add_scalar("eval/episodic_return", progress.last_eval, global_step)
             if global_step % 100 == 0:
-                writer.add_scalar("losses/qf1_values", qf1_values.mean().item(), global_step)
-                writer.add_scalar("losses/qf2_values", qf2_values.mean().item(), global_step)
-                writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
-                writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-                writer.add_scalar("losses/qf_loss", qf_loss.item() / 2.0, global_step)
-                if last_actor_loss is not None:  # the latest, whichever step the policy delay put it on
-                    writer.add_scalar("losses/actor_loss", last_actor_loss, global_step)
-                saturation, grad_agreement = actor_saturation_diagnostics(actor, qf1, b_obs)
-                writer.add_scalar("charts/actor_saturation", saturation, global_step)
-                writer.add_scalar("charts/action_grad_sign_agreement", grad_agreement, global_step)
-
-        if args.eval_freq and global_step % args.eval_freq == 0:
-            returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 100, device)
-            last_eval = float(np.mean(returns))
-            writer.add_scalar("eval/episodic_return", last_eval, global_step)
-        if global_step % 100 == 0:
-            writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
-        if global_step % args.progress_freq == 0 or global_step == args.total_timesteps:
-            now = time.time()
-            sps = (global_step - interval_step) / max(now - interval_start, 1e-9)  # recent rate, excluding earlier phases
-            interval_start, interval_step = now, global_step
-            eta = format_duration((args.total_timesteps - global_step) / max(sps, 1e-9))
-            fields = [f"step {global_step}/{args.total_timesteps}", f"{sps:.1f} steps/s", f"ETA {eta}"]
-            fields += [f"{name} {value:.1f}" for name, value in (("return", last_return), ("eval", last_eval)) if np.isfinite(value)]
-            print(" | ".join(fields), flush=True)
-        if args.save_model and args.snapshot_freq and global_step % args.snapshot_freq == 0:
-            os.makedirs(os.path.join(run_dir, "snapshots"), exist_ok=True)
-            save_models(os.path.join(run_dir, "snapshots", f"step_{global_step}.cleanrl_model"), global_step)
-        if args.checkpoint_freq and (global_step % args.checkpoint_freq == 0 or global_step == args.total_timesteps):
-            save_checkpoint(global_step)
+                writer.add_scalar(
+                    "charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step
+                )
+            if global_step % args.progress_freq == 0 or global_step == args.total_timesteps:
+                progress.print(global_step)
+            if global_step == args.learning_starts:
+                progress.new_phase(global_step)  # from here the rate, and so the ETA, is that of learning steps
+            if args.save_model and args.snapshot_freq and global_step % args.snapshot_freq == 0:
+                save_models(
+                    os.path.join(run_dir, "snapshots", f"step_{global_step}.cleanrl_model"), args, global_step, agent
+                )
+            if stop.requested or checkpoint_due(args, global_step):
+                save_checkpoint(checkpoint_path, args, run_name, global_step, obs, agent, rb, env, rngs, progress)
+            if stop.requested:
+                exit_interrupted(writer, global_step, checkpoint_path)
+    except NonFinite as e:
+        exit_non_finite(writer, e, global_step, checkpoint_path)
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        save_models(model_path, args.total_timesteps)
-        print(f"model saved to {model_path}; evaluate it with: python {os.path.basename(__file__)} --eval-model {model_path}")
+        save_models(model_path, args, args.total_timesteps, agent)
+        print(f"model saved to {model_path}; evaluate it with: python {SCRIPT} --eval-model {model_path}")
     env.close()
     eval_env.close()
     writer.close()

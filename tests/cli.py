@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def run_script(script, args, cwd, check=True):
     """Run `script` with `args` in `cwd` on one torch thread (with tiny networks, threads competing for 2 cores make

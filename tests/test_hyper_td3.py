@@ -25,7 +25,12 @@ run = partial(run_script, SCRIPT)
 
 
 def load(path):
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)
+
+
+def replay_buffer(run_dir):
+    saved = load(os.path.join(run_dir, "checkpoint.pt"))["replay_buffer"]
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
 
 
 def scalar_tags(run_dir):
@@ -283,12 +288,13 @@ def test_replay_buffer_round_trips_through_its_state_dict():
     assert rb.size == 10 and rewards.min() >= 3  # the three oldest were overwritten
 
 
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+def test_save_file_keeps_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
-    hyper_td3.atomic_save({"step": 1}, path)
+    hyper_td3.save_file({"step": 1}, path, kind="checkpoint")
     with pytest.raises(Exception):
-        hyper_td3.atomic_save({"step": 2, "bad": lambda: None}, path)  # lambdas cannot be pickled
-    assert torch.load(path)["step"] == 1
+        hyper_td3.save_file({"step": 2, "bad": lambda: None}, path, kind="checkpoint")  # lambdas cannot be pickled
+    assert hyper_td3.load_file(path, kinds=("checkpoint",))["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
 
 
 # --- end to end through the CLI ---------------------------------------------------------------
@@ -308,8 +314,8 @@ def test_cli_run_crosses_learning_start_an_eval_and_a_checkpoint(critic, tmp_pat
                 "charts/actor_saturation", "charts/action_grad_sign_agreement"]:  # fmt: skip
         assert tag in tags
     checkpoint = load(os.path.join(run_dir, "checkpoint.pt"))
-    assert checkpoint["global_step"] == 300 and checkpoint["critic_updates"] == 200
-    assert all(key in checkpoint for key in (*NETS, "q_optimizer", "actor_optimizer"))
+    assert checkpoint["global_step"] == 300 and checkpoint["agent"]["critic_updates"] == 200
+    assert all(key in checkpoint["agent"] for key in (*NETS, "q_optimizer", "actor_optimizer"))
     snapshots = sorted(os.listdir(os.path.join(run_dir, "snapshots")))
     assert snapshots == ["step_100.cleanrl_model", "step_200.cleanrl_model", "step_300.cleanrl_model"]
     final, last = load(os.path.join(run_dir, "hyper_td3.cleanrl_model")), load(os.path.join(run_dir, "snapshots", snapshots[-1]))
@@ -339,17 +345,17 @@ def test_actor_and_targets_update_exactly_every_policy_frequency_steps(tmp_path)
             assert all(same_state(now[f"{net}_target"], now[net]) for net in ("actor", "qf1", "qf2"))
         else:
             assert all(same_state(now[f"{net}_target"], before[f"{net}_target"]) for net in ("actor", "qf1", "qf2"))
-    checkpoint = load(os.path.join(run_dir, "checkpoint.pt"))
-    assert checkpoint["critic_updates"] == 10
-    assert checkpoint["actor_optimizer"]["state"][0]["step"].item() == 3  # Adam steps of the actor: updates 3, 6, 9
-    assert checkpoint["q_optimizer"]["state"][0]["step"].item() == 10
+    agent = load(os.path.join(run_dir, "checkpoint.pt"))["agent"]
+    assert agent["critic_updates"] == 10
+    assert agent["actor_optimizer"]["state"][0]["step"].item() == 3  # Adam steps of the actor: updates 3, 6, 9
+    assert agent["q_optimizer"]["state"][0]["step"].item() == 10
 
 
 def test_exploration_and_random_actions_respect_per_dimension_bounds(tmp_path):
     run(["--env-id", "tests.envs_td3:AsymmetricBoundsEnv-v0", "--critic", "mlp-small", "--total-timesteps", "60",
          "--learning-starts", "20", "--batch-size", "16", "--exploration-noise", "100", "--eval-freq", "0",
          "--checkpoint-freq", "60"], tmp_path)  # fmt: skip
-    actions = load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"))["replay_buffer"]["actions"]
+    actions = replay_buffer(only_run_dir(tmp_path))["actions"]
     assert np.all(actions >= LOW) and np.all(actions <= HIGH)
     assert 0 < np.mean(actions[20:] == LOW) and 0 < np.mean(actions[20:] == HIGH)  # the huge noise was clipped per dimension
     assert np.all(actions[:20] > LOW) and np.all(actions[:20] < HIGH)  # uniform random actions before learning starts
@@ -365,8 +371,8 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     run([*common, "--total-timesteps", "231", "--checkpoint-freq", "1000"], tmp_path / "b")
     checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
     saved = load(checkpoint)
-    assert saved["global_step"] == 231 and saved["critic_updates"] == 131
-    assert len(saved["episode_actions"]) > 0  # stops mid-episode: the env is replayed on resume
+    assert saved["global_step"] == 231 and saved["agent"]["critic_updates"] == 131
+    assert len(saved["env"]["actions"]) > 0  # stops mid-episode: the env is replayed on resume
     proc = run([*common, "--total-timesteps", "400", "--resume", checkpoint], tmp_path / "b")
     assert "resumed" in proc.stdout
     a = load(os.path.join(only_run_dir(tmp_path / "a"), "hyper_td3.cleanrl_model"))
@@ -388,7 +394,7 @@ def test_resume_refuses_different_settings(tmp_path):
 def test_truncation_stores_the_true_final_observation_and_termination_does_not_bootstrap(tmp_path):
     run(["--env-id", "tests.envs:CountingEnv-v0", "--critic", "mlp", "--total-timesteps", "40", "--learning-starts", "30",
          "--batch-size", "8", "--eval-freq", "0", "--checkpoint-freq", "40"], tmp_path)  # fmt: skip
-    rb = load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"))["replay_buffer"]
+    rb = replay_buffer(only_run_dir(tmp_path))
     t_next, parity, terminated = rb["next_obs"][:, 0], rb["next_obs"][:, 1], rb["terminations"][:, 0]
     assert rb["size"] == 40
     assert np.all(t_next > 0)  # never the reset observation
@@ -413,13 +419,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["--env-id", "CartPole-v1"], "Discrete action space"),
         (["--batch-size", "512", "--buffer-size", "256"], "larger than --buffer-size"),
         (["--hyper-embedding-dim", "30"], "multiple of 4"),
-        (["--hyper-embedding-norm", "-1"], "--hyper-embedding-norm must be positive and finite"),
+        (["--hyper-embedding-norm", "-1"], "--hyper-embedding-norm must be positive"),
         (["--total-timesteps", "0"], "--total-timesteps must be positive"),
         (["--policy-frequency", "0"], "--policy-frequency must be positive"),
         (["--noise-clip", "-0.5"], "--noise-clip must be >= 0"),
         (["--snapshot-freq", "1000"], "needs --save-model"),
-        (["--resume", "missing.pt"], "cannot load checkpoint"),
-        (["--eval-model", "missing.cleanrl_model"], "cannot load model"),
+        (["--resume", "missing.pt"], "cannot load missing.pt: no such file"),
+        (["--eval-model", "missing.cleanrl_model"], "cannot load missing.cleanrl_model: no such file"),
     ],
 )
 def test_bad_input_gives_one_error_line_and_nonzero_exit(flags, message, tmp_path):
