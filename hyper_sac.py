@@ -43,7 +43,6 @@ CleanRL; `--hyper-init authors --alpha 1.0 --no-autotune --learning-starts 1000`
 
 - Entropy: the authors fix alpha = 1.0 with tuning off (their comments suggest 0.2 was used); we tune
   alpha automatically towards target entropy -|A|, starting from alpha = 1.
-- Their `--no_hyper` flag defaults to True, so their script cannot select the hypernetwork critic.
 - Their updates start at 256 transitions, during 1000 random steps; we use 5000 random steps first.
 - Their deterministic evaluation uses the pre-tanh mean (clipped by the env); we use tanh(mean).
 - Their log-prob has no log(action_scale) term and never adds the action bias; we do both.
@@ -57,6 +56,7 @@ CleanRL; `--hyper-init authors --alpha 1.0 --no-autotune --learning-starts 1000`
 - Baselines: their ResNet-Features projects the 1024-d embedding to 10 dims before the MLP and several
   of their baseline classes crash as released; ours feed the full embedding (the paper's wording) and
   all run. MLP-Small / MLP-Large do not exist in their code; we build them from the paper's sizes.
+Their CLI bugs, which we do not inherit, are listed in docs/hyper_sac.md.
 """
 
 import contextlib

@@ -38,7 +38,8 @@ Where this differs from CleanRL's td3_continuous_action.py:
 - Per-dimension action bounds for the smoothed target action (CleanRL clamps to low[0], high[0]).
 - Periodic deterministic evaluation (--eval-freq, 10 episodes, no noise) on a separate environment
   reseeded identically each time, as the TD3 paper and the authors do; CleanRL evaluates once at the end.
-- Exact checkpoint/resume, a NaN guard, and --snapshot-freq to keep the models of intermediate steps.
+- Exact checkpoint/resume from any step, a non-finite guard, safe (weights_only) files, and --snapshot-freq
+  to keep the models of intermediate steps.
 
 Where it differs from Fujimoto's TD3: his current reference code (sfujim/TD3) uses 256-256 networks,
 lr 3e-4, batch 256 and 25000 random steps; the paper's original experiments used a smaller batch (100)
@@ -58,10 +59,8 @@ Where we depart from the authors' released TD3 code (github keynans/HypeRL, TD3/
 - Baselines: their res_35 / state_features critics crash at construction and their names are swapped
   relative to SAC; ours are the paper's Res35 and ResNet-Features and all run. MLP-Small / MLP-Large do
   not exist in their code; we build them from the paper's sizes.
-- Bugs not inherited: --noise_clip has no type and crashes from the CLI; --normalize_obs imports a
-  missing module and would be a no-op; --debug raises KeyError; --policy and --save_model are parsed and
-  ignored; the target and exploration noise use the scalar max_action (we use each dimension's scale
-  and bounds).
+- Their target and exploration noise use the scalar max_action; we use each dimension's scale and bounds.
+  Their CLI bugs, which we do not inherit, are listed in docs/hyper_td3.md.
 - Actor loss: their comment says "update to min (Q) for hyper", but their code, like the TD3 paper,
   uses Q1 only; so do we.
 - They also evaluate the untrained policy at step 0; our first evaluation is at step --eval-freq.
