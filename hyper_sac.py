@@ -695,6 +695,10 @@ def check_args(args: Args) -> None:
         value = getattr(args, name)
         if value is not None and not value > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ["policy_lr", "alpha_lr", "q_lr"]:  # Adam's first step is lr / (1 - beta1) = 10 lr, a float32 in torch
+        value = getattr(args, name)
+        if value is not None and value * 10 > np.finfo(np.float32).max:
+            fail(f"--{name.replace('_', '-')} must be below 3.4e37 (Adam's first step, 10 lr, must fit a float32)")
     if not args.exp_name or os.sep in args.exp_name or (os.altsep and os.altsep in args.exp_name):
         fail(f"--exp-name must be a plain name (it becomes part of a directory name), got {args.exp_name!r}")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:

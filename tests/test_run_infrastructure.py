@@ -164,6 +164,7 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(script, tmp_path):
         (["--policy-lr", "inf"], "--policy-lr must be a finite number"),
         (["--tau", "nan"], "--tau must be a finite number"),
         (["--exp-name", "a/b"], "--exp-name must be a plain name"),
+        (["--q-lr", "1e38"], "--q-lr must be below 3.4e37"),
         (["--buffer-size", str(10**12), "--batch-size", "16"], "GiB for the replay buffer"),
         (["--env-id", "tests.envs:MatrixActionEnv-v0"], "flat (1-D) Box action space"),
     ],
