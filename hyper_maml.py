@@ -9,6 +9,7 @@
 #     "tensorboard>=2.10",
 # ]
 # ///
+# docs and measured results: docs/hyper_maml.md
 """MAML with Vanilla, Context and Hyper policies on the paper's meta-RL task families.
 
 Implements the MAML experiments of Keynan, Sarafian & Kraus, "Recomposing the Reinforcement Learning Building Blocks
@@ -63,8 +64,13 @@ line-search steps instead of 15, inner step 0.1 instead of 0.5 for the MLPs, 400
 float32 observations; exact checkpoint/resume and a non-finite guard.
 """
 
+import contextlib
+import dataclasses
+import hashlib
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -81,6 +87,93 @@ from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
 from torch.utils.tensorboard import SummaryWriter
 
+FamilyName = Literal["HalfCheetahFwdBack", "AntFwdBack", "HalfCheetahVel", "AntVel", "HalfCheetahVelMedium"]
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = "hyper_maml"
+    """the name of this experiment (part of the run name)"""
+    seed: int = 0
+    """seed of the task pools, the networks, task draws, env resets and action noise (the authors' default 0)"""
+    torch_deterministic: bool = True
+    """if toggled, sets `torch.backends.cudnn.deterministic=True` (disable with --no-torch-deterministic)"""
+    num_threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (all cores)"""
+    track: bool = False
+    """track the run with Weights and Biases (mirrors TensorBoard; needs `pip install wandb`)"""
+    wandb_project_name: str = "hyperl"
+    """the W&B project name"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team); None uses your default entity"""
+    eval_freq: int = 10
+    """evaluate on the test tasks (pre and post adaptation) every this many meta-iterations and at the end (0: never)"""
+    eval_tasks: Optional[int] = None
+    """test tasks per evaluation, the first of the test pool; None uses all --num-test-tasks (the authors' 20)"""
+    variance_iters: tuple[int, ...] = ()
+    """meta-iterations at which to run the gradient-variance experiment (paper Fig. 5) first, e.g. 1 100 200 400"""
+    variance_samples: int = 50
+    """independent inner gradient steps per variance experiment (paper: 50)"""
+    variance_tasks: int = 10
+    """train tasks of the variance experiment, the first of the train pool"""
+    progress_freq: int = 1
+    """print a progress line (iteration, s/it, env steps/s, ETA, returns) every this many meta-iterations"""
+    save_model: bool = False
+    """save the final policy to runs/{run_name}/{exp_name}.cleanrl_model"""
+    checkpoint_freq: int = 10
+    """write a resumable runs/{run_name}/checkpoint.pt every this many meta-iterations and at the end (0: never)"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
+
+    # --- algorithm (MAML-TRPO; the authors' defaults, keynans/HypeRL MAML/main.py) ---
+    env_id: FamilyName = "HalfCheetahVel"
+    """the task family"""
+    num_batches: int = 400
+    """meta-iterations (one TRPO meta-update each)"""
+    meta_batch_size: int = 40
+    """tasks per meta-iteration, drawn from the train pool with replacement"""
+    fast_batch_size: int = 20
+    """episodes per task, both before (train) and after (valid) the inner step"""
+    num_train_tasks: int = 100
+    """size of the fixed train task pool"""
+    num_test_tasks: int = 20
+    """size of the fixed test task pool"""
+    gamma: float = 0.95
+    """discount factor of the advantages and the linear baseline"""
+    gae_lambda: float = 1.0
+    """lambda of generalized advantage estimation (the authors' tau)"""
+    fast_lr: Optional[float] = None
+    """inner policy-gradient step; default 0.1 (MLPs), 0.05 / norm^2 (hyper, pytorch init), 5e-5 (hyper, authors)"""
+    first_order: bool = False
+    """first-order MAML: no graph through the inner step (the authors' code was effectively first-order)"""
+    max_kl: float = 0.01
+    """TRPO's bound on the mean KL of the meta-update"""
+    cg_iters: int = 10
+    """conjugate-gradient iterations of the TRPO step"""
+    cg_damping: float = 1e-5
+    """damping added to the Fisher-vector products"""
+    ls_max_steps: int = 20
+    """backtracking line-search steps of the TRPO step"""
+    ls_backtrack_ratio: float = 0.8
+    """step shrink factor per line-search step"""
+
+    # --- model ---
+    policy: Literal["vanilla", "context", "hyper"] = "hyper"
+    """vanilla: MLP of the state; context: MLP of state and oracle context; hyper: hypernetwork of the context"""
+    hidden_sizes: tuple[int, ...] = (100, 100)
+    """hidden layers of the vanilla and context MLPs"""
+    hyper_embedding_dim: int = 1024
+    """width of the primary network's output embedding; its stages are dim/4, dim/2, dim (paper: 256, 512, 1024)"""
+    hyper_blocks: int = 2
+    """residual blocks per stage of the primary network (paper: 2)"""
+    hyper_dynamic_hidden: int = 256
+    """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
+    hyper_init: Literal["pytorch", "authors"] = "pytorch"
+    """pytorch: generated weights and biases like nn.Linear's init on the train contexts, gains 1; authors: theirs"""
+    hyper_embedding_norm: float = 8.0
+    """--hyper-init pytorch: rms norm of the embedding on the train contexts; Hyper's default --fast-lr 0.05/norm^2"""
+
 
 # Task families (paper Sec. 5.1)
 #
@@ -93,7 +186,6 @@ from torch.utils.tensorboard import SummaryWriter
 # gave 20-D by appending the absolute torso com (x, y, z), so the x position was observable there and is not here;
 # Ant-v4 gives 27-D (qpos[2:], qvel, no contact forces), the same layout as theirs. Ours are float64, theirs float32.
 
-FamilyName = Literal["HalfCheetahFwdBack", "AntFwdBack", "HalfCheetahVel", "AntVel", "HalfCheetahVelMedium"]
 FAMILIES: tuple[str, ...] = get_args(FamilyName)
 EPISODE_STEPS = 200  # maml-rl v1 registers its MuJoCo task envs with max_episode_steps=200
 CHEETAH_CTRL_COST = 0.05  # 0.5 * 1e-1 in the authors' HalfCheetah envs
@@ -120,7 +212,9 @@ FAMILY_SPECS = {
     "AntFwdBack": FamilySpec("Ant", "direction"),
     "HalfCheetahVel": FamilySpec("HalfCheetah", "velocity"),
     "AntVel": FamilySpec("Ant", "velocity"),
-    "HalfCheetahVelMedium": FamilySpec("HalfCheetah", "velocity", train_velocities=(0.0, 2.5), test_velocities=(2.5, 3.0)),
+    "HalfCheetahVelMedium": FamilySpec(
+        "HalfCheetah", "velocity", train_velocities=(0.0, 2.5), test_velocities=(2.5, 3.0)
+    ),
 }
 
 
@@ -128,12 +222,6 @@ FAMILY_SPECS = {
 class Task:
     goal: float
     """the direction d in {-1, +1} for the Fwd-Back families, the goal velocity v_goal (m/s) for the Vel families"""
-
-
-def fail(message: str) -> None:
-    """One clear error line and a non-zero exit, instead of a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def family_spec(family: str) -> FamilySpec:
@@ -492,6 +580,46 @@ def init_hypernetwork(policy: HyperPolicy, scheme: Literal["pytorch", "authors"]
                 nn.init.zeros_(fc.bias)
 
 
+MLP_FAST_LR = 0.1  # the authors' fast-lr of Vanilla and Context (keynans/HypeRL, MAML/main.py)
+AUTHORS_HYPER_FAST_LR = 5e-5  # the authors' fast-hyper-lr, tuned with their Hyper_Policy constants
+HYPER_GENERATED_STEP = 0.05  # fast_lr * |e|^2 for --hyper-init pytorch, see default_fast_lr
+
+
+def default_fast_lr(policy: str, hyper_init: str = "pytorch", embedding_norm: float = 8.0) -> float:
+    """The inner step size when --fast-lr is not given.
+
+    Vanilla and Context: the authors' 0.1. Hyper with --hyper-init pytorch: 0.05 / embedding_norm^2 (7.8e-4 at the
+    default norm 8). The inner step is plain gradient descent on all parameters, and its step on a weight head H moves
+    the generated weights W = H e by -alpha (dL/dW e^T) e = -alpha |e|^2 dL/dW: the dynamic network takes a gradient
+    step of its own of size alpha |e|^2 where an MLP takes alpha. The heads carry nearly all of the step (the primary
+    network's share of the inner-step KL is about 1% at norm 8), so alpha |e|^2 = 0.05 fixes it whatever the norm.
+    0.05 rather than Vanilla's 0.1 because, measured at init on HalfCheetah, alpha |e|^2 = 0.1 moves Hyper about 4x as
+    far in KL(pre || post) as fast_lr 0.1 moves Vanilla, and 0.05 1-2x as far (docs/hyper_maml.md, adaptation/inner_kl).
+
+    Hyper with --hyper-init authors: their 5e-5. Their constants give an embedding of rms norm about 2 on these
+    contexts, so alpha |e|^2 is about 2e-4 and one inner step barely moves the policy (KL about 1e-6).
+    """
+    if policy != "hyper":
+        return MLP_FAST_LR
+    return AUTHORS_HYPER_FAST_LR if hyper_init == "authors" else HYPER_GENERATED_STEP / embedding_norm**2
+
+
+def effective_fast_lr(args: Args) -> float:
+    return args.fast_lr if args.fast_lr is not None else default_fast_lr(args.policy, args.hyper_init,
+                                                                         args.hyper_embedding_norm)  # fmt: skip
+
+
+def make_policy(args: Args, obs_dim: int, act_dim: int, train_contexts: torch.Tensor) -> GaussianPolicy:
+    if args.policy == "vanilla":
+        return VanillaPolicy(obs_dim, act_dim, args.hidden_sizes)
+    if args.policy == "context":
+        return ContextPolicy(obs_dim, act_dim, train_contexts.shape[-1], args.hidden_sizes)
+    policy = HyperPolicy(obs_dim, act_dim, train_contexts.shape[-1], args.hyper_embedding_dim, args.hyper_blocks,
+                         args.hyper_dynamic_hidden)  # fmt: skip
+    init_hypernetwork(policy, args.hyper_init, train_contexts, args.hyper_embedding_norm)
+    return policy
+
+
 # MAML-TRPO building blocks (Finn, Abbeel & Levine 2017, Sec. 3.2 and 5.3; Schulman et al. 2015; keynans/HypeRL,
 # MAML/maml_rl/metalearner.py)
 #
@@ -693,8 +821,15 @@ def add_step(params: dict, step: torch.Tensor) -> dict:
             for (name, p), chunk in zip(params.items(), chunks)}  # fmt: skip
 
 
-def line_search(objective: Callable, params: dict, full_step: torch.Tensor, surrogate_before: float,
-                max_kl: float = 0.01, max_steps: int = 20, backtrack_ratio: float = 0.8) -> tuple[dict, dict]:
+def line_search(
+    objective: Callable,
+    params: dict,
+    full_step: torch.Tensor,
+    surrogate_before: float,
+    max_kl: float = 0.01,
+    max_steps: int = 20,
+    backtrack_ratio: float = 0.8,
+) -> tuple[dict, dict]:
     """Backtracking (TRPO Sec. 6 / App. C): try params + ratio^k * full_step for k = 0 .. max_steps - 1 and accept the
     first whose surrogate is lower than surrogate_before and whose mean KL is <= max_kl; if none, keep params.
     Returns (params, stats) with stats surrogate, kl (of the returned params) and ls_steps (k, or -1 if rejected)."""
@@ -724,6 +859,38 @@ def trpo_step(params: dict, objective: Callable, max_kl: float = 0.01, damping: 
     full_step = -direction / torch.sqrt(shs / max_kl)
     new_params, stats = line_search(objective, params, full_step, before, max_kl, ls_max_steps, ls_backtrack_ratio)
     return new_params, {**stats, "surrogate_before": before}
+
+
+class MAML:
+    """The learner: the meta-policy theta and its inner step size alpha (`effective_fast_lr`). `update` is one
+    MAML-TRPO meta-update (MAML Sec. 3.2 and 5.3) on a meta-batch's episodes. TRPO keeps no optimizer state, so the
+    policy's parameters are all there is to restore."""
+
+    def __init__(self, args: Args, policy: GaussianPolicy, fast_lr: float):
+        self.args, self.policy, self.fast_lr = args, policy, fast_lr
+
+    def update(self, tasks: list[Task], train: list[Episodes], train_advantages: list, valid: list[Episodes]) -> dict:
+        """One TRPO step on the meta-objective of the tasks' train (pre-adaptation) and valid (post-adaptation)
+        episodes; returns trpo_step's stats. The policy takes the new parameters only if the guard accepts them."""
+        args = self.args
+        contexts = task_contexts(args.env_id, tasks)
+        meta_tasks = [MetaTask(context, train_episodes, advantages, valid_episodes,
+                               episode_advantages(valid_episodes, args.gamma, args.gae_lambda))
+                      for context, train_episodes, advantages, valid_episodes
+                      in zip(contexts, train, train_advantages, valid)]  # fmt: skip
+        params = dict(self.policy.named_parameters())
+        objective = meta_objective(self.policy, params, meta_tasks, self.fast_lr, args.first_order)
+        new_params, stats = trpo_step(params, objective, args.max_kl, args.cg_damping, args.cg_iters,
+                                      args.ls_max_steps, args.ls_backtrack_ratio)  # fmt: skip
+        guarded_step(self.policy, new_params, "TRPO", surrogate=stats["surrogate_before"], kl=stats["kl"])
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "fast_lr": self.fast_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.fast_lr = state["fast_lr"]
 
 
 # Sampling (keynans/HypeRL, MAML/maml_rl/sampler.py and metalearner.py)
@@ -793,7 +960,7 @@ def sample_episodes(envs: list[TaskEnv], tasks: list[Task], policy: GaussianPoli
     `rng`, as are the seeds of the env resets. The action stored is the sampled one; the env clips it (TaskEnv).
 
     Returns one `Episodes` per task, float32, padded to the longest episode (200 steps unless every episode ended
-    earlier by an Ant termination); the mask is 0 after an episode's last step. Raises FloatingPointError on a
+    earlier by an Ant termination); the mask is 0 after an episode's last step. Raises NonFinite on a
     non-finite action, observation or reward, before the env is stepped with it."""
     n_tasks, n_envs = len(tasks), len(tasks) * n_episodes
     if len(envs) < n_envs:
@@ -823,10 +990,10 @@ def sample_episodes(envs: list[TaskEnv], tasks: list[Task], policy: GaussianPoli
             action = (distribution.loc + distribution.scale * noise).reshape(n_envs, act_dim).numpy()
             for i in np.flatnonzero(alive):
                 if not np.isfinite(action[i]).all():
-                    raise FloatingPointError(f"non-finite action {action[i]} from the policy")
+                    raise NonFinite(f"non-finite action {action[i]} from the policy")
                 next_obs, reward, terminated, truncated, _ = envs[i].step(action[i])
                 if not (np.isfinite(next_obs).all() and np.isfinite(reward)):
-                    raise FloatingPointError(f"non-finite observation or reward ({reward}) from {envs[i].family}")
+                    raise NonFinite(f"non-finite observation or reward ({reward}) from {envs[i].family}")
                 obs[i, t], actions[i, t], rewards[i, t], mask[i, t] = current[i], action[i], reward, 1.0
                 current[i] = next_obs
                 alive[i] = not (terminated or truncated)
@@ -920,92 +1087,60 @@ def variance_experiment(envs, tasks, policy, n_samples, n_episodes, rng, step_si
             "env_steps": steps}  # fmt: skip
 
 
-# The run: arguments, checks, saving
+# independent numpy streams: np.random.default_rng([seed, stream]) (the task pools use default_rng(seed) itself)
+TASK_STREAM, SAMPLER_STREAM, EVAL_STREAM, VARIANCE_STREAM = 1, 2, 3, 4
 
 
-@dataclass
-class Args:
-    # --- experiment ---
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
-    seed: int = 0
-    """seed of the task pools, the networks, task draws, env resets and action noise (the authors' default 0)"""
-    torch_deterministic: bool = True
-    """if toggled, sets `torch.backends.cudnn.deterministic=True` (disable with --no-torch-deterministic)"""
-    num_threads: int = 0
-    """torch CPU threads; 0 keeps torch's default (all cores)"""
-    track: bool = False
-    """track the run with Weights and Biases (mirrors TensorBoard; needs `pip install wandb`)"""
-    wandb_project_name: str = "hyperl"
-    """the W&B project name"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team); None uses your default entity"""
-    eval_freq: int = 10
-    """evaluate on the test tasks (pre and post adaptation) every this many meta-iterations and at the last (0 disables)"""
-    eval_tasks: Optional[int] = None
-    """test tasks per evaluation, the first of the test pool; None uses all --num-test-tasks (the authors' 20)"""
-    variance_iters: tuple[int, ...] = ()
-    """meta-iterations at which to run the gradient-variance experiment (paper Fig. 5) before the update, e.g. 1 100 200 400"""
-    variance_samples: int = 50
-    """independent inner gradient steps per variance experiment (paper: 50)"""
-    variance_tasks: int = 10
-    """train tasks of the variance experiment, the first of the train pool"""
-    progress_freq: int = 1
-    """print a progress line (iteration, s/it, env steps/s, ETA, returns) every this many meta-iterations"""
-    save_model: bool = False
-    """save the final policy to runs/{run_name}/{exp_name}.cleanrl_model"""
-    checkpoint_freq: int = 10
-    """write a resumable checkpoint to runs/{run_name}/checkpoint.pt every this many meta-iterations and at the end (0 disables)"""
-    resume: Optional[str] = None
-    """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
+def lockstep_envs(args: Args) -> int:
+    """The envs the sampler needs: one per episode of the largest lockstep batch (training, evaluation, variance)."""
+    eval_tasks = (args.eval_tasks or args.num_test_tasks) if args.eval_freq else 0
+    return (
+        max(args.meta_batch_size, eval_tasks, args.variance_tasks if args.variance_iters else 0) * args.fast_batch_size
+    )
 
-    # --- algorithm (MAML-TRPO; the authors' defaults, keynans/HypeRL MAML/main.py) ---
-    env_id: FamilyName = "HalfCheetahVel"
-    """the task family"""
-    num_batches: int = 400
-    """meta-iterations (one TRPO meta-update each)"""
-    meta_batch_size: int = 40
-    """tasks per meta-iteration, drawn from the train pool with replacement"""
-    fast_batch_size: int = 20
-    """episodes per task, both before (train) and after (valid) the inner step"""
-    num_train_tasks: int = 100
-    """size of the fixed train task pool"""
-    num_test_tasks: int = 20
-    """size of the fixed test task pool"""
-    gamma: float = 0.95
-    """discount factor of the advantages and the linear baseline"""
-    gae_lambda: float = 1.0
-    """lambda of generalized advantage estimation (the authors' tau)"""
-    fast_lr: Optional[float] = None
-    """inner policy-gradient step size; default 0.1 (MLPs), 0.05 / norm^2 (hyper, pytorch init), 5e-5 (hyper, authors init)"""
-    first_order: bool = False
-    """first-order MAML: no graph through the inner step (the authors' code was effectively first-order)"""
-    max_kl: float = 0.01
-    """TRPO's bound on the mean KL of the meta-update"""
-    cg_iters: int = 10
-    """conjugate-gradient iterations of the TRPO step"""
-    cg_damping: float = 1e-5
-    """damping added to the Fisher-vector products"""
-    ls_max_steps: int = 20
-    """backtracking line-search steps of the TRPO step"""
-    ls_backtrack_ratio: float = 0.8
-    """step shrink factor per line-search step"""
 
-    # --- model ---
-    policy: Literal["vanilla", "context", "hyper"] = "hyper"
-    """vanilla: MLP of the state; context: MLP of state and oracle context; hyper: hypernetwork of the context (paper eq. 16)"""
-    hidden_sizes: tuple[int, ...] = (100, 100)
-    """hidden layers of the vanilla and context MLPs"""
-    hyper_embedding_dim: int = 1024
-    """width of the primary network's output embedding; its stages are dim/4, dim/2, dim (paper: 256, 512, 1024)"""
-    hyper_blocks: int = 2
-    """residual blocks per stage of the primary network (paper: 2)"""
-    hyper_dynamic_hidden: int = 256
-    """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
-    hyper_init: Literal["pytorch", "authors"] = "pytorch"
-    """pytorch: generated weights and biases like nn.Linear's init on the train contexts, gains 1; authors: released constants"""
-    hyper_embedding_norm: float = 8.0
-    """--hyper-init pytorch: rms norm of the embedding over the train contexts; Hyper's default --fast-lr is 0.05 / norm^2"""
+class MetaBatchSampler:
+    """The data of each meta-iteration (keynans/HypeRL, MAML/main.py): draws the meta-batch from the train pool with
+    replacement and samples its episodes before and after adaptation (`pre_and_post_adaptation`) on the lockstep
+    envs. The draws and the sampling have a stream each; every sampling call reseeds every env it steps, so the envs
+    carry nothing from one meta-iteration to the next and the streams' states are all there is to restore."""
+
+    def __init__(self, envs: list[TaskEnv], train_tasks: list[Task], args: Args):
+        self.envs, self.train_tasks, self.args = envs, train_tasks, args
+        self.task_rng = np.random.default_rng([args.seed, TASK_STREAM])
+        self.rng = np.random.default_rng([args.seed, SAMPLER_STREAM])
+
+    def sample(self, policy: GaussianPolicy, fast_lr: float):
+        """Returns (tasks, pre episodes, pre advantages, post episodes, inner steps), as pre_and_post_adaptation."""
+        args = self.args
+        tasks = [
+            self.train_tasks[i] for i in self.task_rng.integers(0, len(self.train_tasks), size=args.meta_batch_size)
+        ]
+        episodes = pre_and_post_adaptation(self.envs, tasks, policy, args.fast_batch_size, self.rng, fast_lr,
+                                           args.gamma, args.gae_lambda)  # fmt: skip
+        return (tasks, *episodes)
+
+    def state_dict(self) -> dict:
+        return {"task_rng": self.task_rng.bit_generator.state, "sampler_rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task_rng.bit_generator.state = state["task_rng"]
+        self.rng.bit_generator.state = state["sampler_rng"]
+
+
+# ======================================================================================================================
+# RUN INFRASTRUCTURE: not the algorithm. Argument checks, the run directory, checkpoints and exact resume, the
+# non-finite guard, Ctrl-C, the progress line.
+# ======================================================================================================================
+SCRIPT = "hyper_maml.py"
+FILE_FORMAT = "hyper_maml/2"  # checkpoints, models and variance files carry it; other scripts' or versions' are refused
+ENV_BYTES = 5 * 2**18  # 1.25 MiB per lockstep env: its MuJoCo model and data (measured 1.1 MiB) and episode buffers
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One clear error line and a non-zero exit, instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def check_args(args: Args) -> None:
@@ -1015,18 +1150,24 @@ def check_args(args: Args) -> None:
     for name in positive:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["eval_freq", "checkpoint_freq", "num_threads", "hyper_blocks", "cg_damping"]:
+    for name in ["seed", "eval_freq", "checkpoint_freq", "num_threads", "hyper_blocks", "cg_damping"]:
         if not getattr(args, name) >= 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            fail(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         fail(f"--hidden-sizes must be one or more positive widths, got {args.hidden_sizes}")
     if args.hyper_embedding_dim % 4:
-        fail(f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}")
+        fail(
+            f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}"
+        )
     if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
     if not 0.0 < args.ls_backtrack_ratio < 1.0:
         fail(f"--ls-backtrack-ratio must be in (0, 1), got {args.ls_backtrack_ratio}")
-    if args.fast_lr is not None and not (args.fast_lr > 0 and np.isfinite(args.fast_lr)):
+    if args.fast_lr is not None and not args.fast_lr > 0:
         fail(f"--fast-lr must be positive, got {args.fast_lr}")
     if not 0.0 < args.hyper_embedding_norm < float("inf"):
         fail(f"--hyper-embedding-norm must be positive and finite, got {args.hyper_embedding_norm}")
@@ -1037,97 +1178,337 @@ def check_args(args: Args) -> None:
     outside = [i for i in args.variance_iters if not 1 <= i <= args.num_batches]
     if outside:
         fail(f"--variance-iters must lie in [1, --num-batches {args.num_batches}], got {', '.join(map(str, outside))}")
+    if not args.exp_name or os.sep in args.exp_name or (os.altsep and os.altsep in args.exp_name):
+        fail(f"--exp-name must be a plain name (it becomes part of a directory name), got {args.exp_name!r}")
 
 
-MLP_FAST_LR = 0.1  # the authors' fast-lr of Vanilla and Context (keynans/HypeRL, MAML/main.py)
-AUTHORS_HYPER_FAST_LR = 5e-5  # the authors' fast-hyper-lr, tuned with their Hyper_Policy constants
-HYPER_GENERATED_STEP = 0.05  # fast_lr * |e|^2 for --hyper-init pytorch, see default_fast_lr
+def check_memory(args: Args) -> None:
+    """Refuse, before building any, more lockstep envs than the machine's memory holds (one per episode of a
+    meta-batch: --meta-batch-size x --fast-batch-size)."""
+    n_envs = lockstep_envs(args)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if memory and n_envs * ENV_BYTES > memory:
+        fail(f"{n_envs:,} lockstep envs (tasks x --fast-batch-size {args.fast_batch_size}) need about "
+             f"{n_envs * ENV_BYTES / 2**30:,.1f} GiB; this machine has {memory / 2**30:.1f} GiB")  # fmt: skip
 
 
-def default_fast_lr(policy: str, hyper_init: str = "pytorch", embedding_norm: float = 8.0) -> float:
-    """The inner step size when --fast-lr is not given.
-
-    Vanilla and Context: the authors' 0.1. Hyper with --hyper-init pytorch: 0.05 / embedding_norm^2 (7.8e-4 at the
-    default norm 8). The inner step is plain gradient descent on all parameters, and its step on a weight head H moves
-    the generated weights W = H e by -alpha (dL/dW e^T) e = -alpha |e|^2 dL/dW: the dynamic network takes a gradient
-    step of its own of size alpha |e|^2 where an MLP takes alpha. The heads carry nearly all of the step (the primary
-    network's share of the inner-step KL is about 1% at norm 8), so alpha |e|^2 = 0.05 fixes it whatever the norm.
-    0.05 rather than Vanilla's 0.1 because, measured at init on HalfCheetah, alpha |e|^2 = 0.1 moves Hyper about 4x as
-    far in KL(pre || post) as fast_lr 0.1 moves Vanilla, and 0.05 1-2x as far (docs/hyper_maml.md, adaptation/inner_kl).
-
-    Hyper with --hyper-init authors: their 5e-5. Their constants give an embedding of rms norm about 2 on these
-    contexts, so alpha |e|^2 is about 2e-4 and one inner step barely moves the policy (KL about 1e-6).
-    """
-    if policy != "hyper":
-        return MLP_FAST_LR
-    return AUTHORS_HYPER_FAST_LR if hyper_init == "authors" else HYPER_GENERATED_STEP / embedding_norm**2
+# Settings that may differ between a run and its resumption; every other setting changes what the run computes.
+RESUME_MAY_DIFFER = ("num_batches", "progress_freq", "checkpoint_freq", "num_threads", "track", "wandb_project_name",
+                     "wandb_entity", "save_model", "resume", "exp_name")  # fmt: skip
 
 
-def make_policy(args: Args, obs_dim: int, act_dim: int, train_contexts: torch.Tensor) -> GaussianPolicy:
-    if args.policy == "vanilla":
-        return VanillaPolicy(obs_dim, act_dim, args.hidden_sizes)
-    if args.policy == "context":
-        return ContextPolicy(obs_dim, act_dim, train_contexts.shape[-1], args.hidden_sizes)
-    policy = HyperPolicy(obs_dim, act_dim, train_contexts.shape[-1], args.hyper_embedding_dim, args.hyper_blocks,
-                         args.hyper_dynamic_hidden)  # fmt: skip
-    init_hypernetwork(policy, args.hyper_init, train_contexts, args.hyper_embedding_norm)
-    return policy
+def check_resume_settings(checkpoint: dict, args: Args, fast_lr: float) -> None:
+    """Also compares the inner step size as used (explicit or default), since the default can change between
+    versions; a setting the checkpoint lacks differs too."""
+    saved = checkpoint["args"]
+    differing = [(name, saved.get(name), getattr(args, name)) for name in (f.name for f in dataclasses.fields(args))
+                 if name not in RESUME_MAY_DIFFER and saved.get(name) != getattr(args, name)]  # fmt: skip
+    if checkpoint["learner"]["fast_lr"] != fast_lr:
+        differing.append(("fast_lr", checkpoint["learner"]["fast_lr"], fast_lr))
+    if differing:
+        listing = ", ".join(f"--{name.replace('_', '-')} {made} (given {given})" for name, made, given in differing)
+        fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
+    if checkpoint["iteration"] >= args.num_batches:
+        fail(f"the checkpoint is at meta-iteration {checkpoint['iteration']}; pass --num-batches above it to continue")
 
 
-# Settings that change what a run computes; a resumed run must use the checkpoint's values.
-# The inner step size is compared as used (explicit or default), since the defaults can change between versions.
-RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "policy", "meta_batch_size", "fast_batch_size",
-                     "num_train_tasks", "num_test_tasks", "gamma", "gae_lambda", "first_order", "max_kl", "cg_iters",
-                     "cg_damping", "ls_max_steps", "ls_backtrack_ratio", "hidden_sizes", "hyper_embedding_dim",
-                     "hyper_blocks", "hyper_dynamic_hidden", "hyper_init", "hyper_embedding_norm")  # fmt: skip
-# independent numpy streams: np.random.default_rng([seed, stream]) (the task pools use default_rng(seed) itself)
-TASK_STREAM, SAMPLER_STREAM, EVAL_STREAM, VARIANCE_STREAM = 1, 2, 3, 4
+class GlobalRNGs:
+    """The global random streams: Python's, NumPy's legacy one, torch's CPU and CUDA generators."""
+
+    def state_dict(self) -> dict:
+        name, key, pos, has_gauss, cached = np.random.get_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        numpy_state = [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached]
+        return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state: dict) -> None:
+        name, key, pos, has_gauss, cached = state["numpy"]
+        random.setstate(state["python"])
+        np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj, path: str) -> None:
-    """Write to a temporary file, flush it to disk, then rename over `path`: a crash mid-write leaves the
-    previous file intact."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class Progress:
+    """The console line every --progress-freq meta-iterations: iteration, seconds per iteration and env steps/s since
+    the last line, the ETA, the latest train and evaluation returns and the inner step's KL. The ETA adds two phases
+    at their own rates since the start or the resume: meta-iterations (sampling, update, evaluation) and variance
+    experiments (each as long as 2 x --variance-samples meta-batches of sampling), so that one variance experiment
+    does not inflate the ETA of the meta-iterations."""
+
+    def __init__(self, total: int, iteration: int, variance_iters: tuple):
+        self.total, self.variance_iters, self.last_eval = total, variance_iters, (float("nan"), float("nan"))
+        self.new_phase(iteration)
+
+    def new_phase(self, iteration: int) -> None:
+        self.start_iteration, self.seconds, self.variance_seconds, self.variance_runs = iteration, 0.0, 0.0, 0
+        self.line_time, self.line_iteration, self.line_steps = time.time(), iteration, 0
+
+    def record(self, steps: int, seconds: float, variance_seconds: float = 0.0) -> None:
+        """One meta-iteration's env steps and seconds, variance_seconds of them in a variance experiment."""
+        self.line_steps += steps
+        self.seconds += seconds - variance_seconds
+        if variance_seconds:
+            self.variance_seconds, self.variance_runs = self.variance_seconds + variance_seconds, self.variance_runs + 1
+
+    def eta_seconds(self, iteration: int) -> Optional[float]:
+        """None while a variance experiment is still to come and none has been timed."""
+        remaining_variance = sum(i > iteration for i in self.variance_iters)
+        if remaining_variance and not self.variance_runs:
+            return None
+        per_variance = self.variance_seconds / max(self.variance_runs, 1)
+        per_iteration = self.seconds / max(iteration - self.start_iteration, 1)
+        return (self.total - iteration) * per_iteration + remaining_variance * per_variance
+
+    def print(self, iteration: int, pre_return: float, post_return: float, inner_kl: float) -> None:
+        now = time.time()
+        seconds_per_iteration = (now - self.line_time) / max(iteration - self.line_iteration, 1)
+        sps = self.line_steps / max(now - self.line_time, 1e-9)
+        eta = self.eta_seconds(iteration)
+        fields = [f"iteration {iteration}/{self.total}", f"{seconds_per_iteration:.1f} s/it", f"{sps:.0f} env steps/s",
+                  f"ETA {format_duration(eta)}" if eta is not None else "ETA after the first variance experiment",
+                  f"pre {pre_return:.1f}", f"post {post_return:.1f}", f"inner KL {inner_kl:.3g}"]  # fmt: skip
+        if np.isfinite(self.last_eval[0]):
+            fields.append(f"eval pre {self.last_eval[0]:.1f} post {self.last_eval[1]:.1f}")
+        print(" | ".join(fields), flush=True)
+        self.line_time, self.line_iteration, self.line_steps = now, iteration, 0
+
+    def state_dict(self) -> dict:
+        return {"last_eval": list(self.last_eval)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_eval = tuple(state["last_eval"])
 
 
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+class NonFinite(FloatingPointError):
+    """A loss, an action, observation or reward, or after the TRPO step a weight is NaN or infinite."""
+
+
+def guarded_step(policy: nn.Module, new_params: dict, name: str, **losses: float) -> None:
+    """The policy takes the parameters that its `name` step computed, with the run's guard: the named losses must be
+    finite, and so must every new parameter. Otherwise NonFinite is raised and the policy keeps its parameters."""
+    for loss_name, value in losses.items():
+        if not np.isfinite(value):
+            raise NonFinite(f"non-finite {loss_name} ({value})")
+    bad = [param_name for param_name, p in new_params.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFinite(f"non-finite weights after the {name} step ({', '.join(bad)})")
+    policy.load_state_dict(new_params)
+
+
+def content_digest(obj) -> str:
+    """SHA-256 over every tensor's bytes and every plain value of a nested checkpoint, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            digest.update(f"tensor{x.dtype}{tuple(x.shape)}".encode())
+            digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for key in sorted(x, key=repr):
+                digest.update(repr(key).encode())
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__}{len(x)}".encode())
+            for item in x:
+                visit(item)
+        else:
+            digest.update(repr(x).encode())
+
+    visit(obj)
+    return digest.hexdigest()
+
+
+def save_file(contents: dict, path: str, kind: str) -> None:
+    """Write a checkpoint, model or variance file: tensors and plain containers only (so it loads with
+    torch.load(weights_only=True)), with its format, kind and a digest of its contents. Written to a temporary file,
+    flushed to disk, then renamed over `path`: a crash or a full disk mid-write leaves the previous file intact."""
+    contents = {**contents, "format": FILE_FORMAT, "kind": kind}
+    contents["sha256"] = content_digest(contents)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(contents, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            fail(f"cannot write {path}: {e.strerror or e}; the previous file there, if any, is intact")
+        raise
+
+
+def load_file(path: str, kinds: tuple) -> dict:
+    """Load a file written by save_file without running any code from it (weights_only), and refuse anything else:
+    another script's or version's file, a corrupted one (its digest differs), or one of another kind."""
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"cannot load {path}: no such file")
+    except Exception as e:  # unpickling errors, foreign pickles, truncated or random bytes: all end the same way
+        fail(f"cannot load {path}: not a checkpoint, model or variance file written by {SCRIPT} "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")  # fmt: skip
+    if not isinstance(contents, dict) or contents.get("format") != FILE_FORMAT:
+        fail(f"cannot load {path}: not a checkpoint, model or variance file written by this version of {SCRIPT}")
+    digest = contents.pop("sha256", None)
+    if digest != content_digest(contents):
+        fail(f"cannot load {path}: its contents do not match their checksum (the file is corrupted)")
+    if contents["kind"] not in kinds:
+        fail(f"cannot load {path}: it is a {contents['kind']} file, expected a {' or '.join(kinds)}")
+    return contents
+
+
+def make_run_dir(args: Args) -> tuple:
+    """A new directory runs/{env}__{exp_name}__{policy}__{seed}__{unix time}, suffixed -1, -2, ... when runs started in
+    the same second took the name (mkdir is atomic, so two runs never share one)."""
+    base = f"{args.env_id}__{args.exp_name}__{args.policy}__{args.seed}__{int(time.time())}"
+    for i in range(1000):
+        run_name = base if i == 0 else f"{base}-{i}"
+        try:
+            os.makedirs(os.path.join("runs", run_name))
+            return run_name, os.path.join("runs", run_name)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            fail(f"cannot create the run directory runs/{run_name}: {e.strerror or e}")
+    fail(f"cannot find a free run directory name for {base}")
+
+
+def save_checkpoint(path, args, run_name, iteration, train_tasks, test_tasks, learner, sampler, rngs, progress) -> None:
+    """Everything a resumed run needs, each part from its object's state_dict, and the task pools."""
+    objects = {"learner": learner, "sampler": sampler, "rngs": rngs, "progress": progress}
+    tasks = {"train": [task.goal for task in train_tasks], "test": [task.goal for task in test_tasks]}
+    contents = {"args": vars(args), "run_name": run_name, "iteration": iteration, "tasks": tasks}
+    save_file({**contents, **{name: obj.state_dict() for name, obj in objects.items()}}, path, kind="checkpoint")
+
+
+def restore_checkpoint(checkpoint, learner, sampler, rngs, progress) -> int:
+    """Puts every object back where the checkpoint left it; returns its meta-iteration."""
+    try:
+        learner.load_state_dict(checkpoint["learner"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        fail(f"the checkpoint's policy does not fit these settings: {str(e).splitlines()[0][:200]}")
+    sampler.load_state_dict(checkpoint["sampler"])
+    rngs.load_state_dict(checkpoint["rngs"])
+    progress.load_state_dict(checkpoint["progress"])
+    return checkpoint["iteration"]
+
+
+def save_variance(path: str, args: Args, results: dict, tasks: list[Task], fast_lr: float) -> None:
+    """variance.pt: the variance experiments' raw numbers by meta-iteration (`variance_experiment`)."""
+    contents = {"iterations": results, "tasks": [task.goal for task in tasks], "fast_lr": fast_lr, "args": vars(args)}
+    save_file(contents, path, kind="variance")
+
+
+def load_variance(path: str, iteration: int) -> dict:
+    """The variance experiments a resumed run keeps: those up to its checkpoint's meta-iteration."""
+    if not os.path.exists(path):
+        return {}
+    return {i: result for i, result in load_file(path, kinds=("variance",))["iterations"].items() if i <= iteration}
+
+
+def variance_scalars(result: dict) -> dict:
+    return {"return_mean": result["post_returns"].mean().item(),
+            "return_std": result["post_returns"].std(unbiased=False).item(),
+            "pre_return_std": result["pre_returns"].std(unbiased=False).item(),
+            "inner_kl": result["inner_kl"].mean().item()}  # fmt: skip
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the run to stop at the end of the current meta-iteration, where its state is consistent
+    and can be checkpointed; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            fail("interrupted twice; stopped without writing a checkpoint", code=130)
+        self.requested = True
+        print("stopping at the end of this meta-iteration (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+def resume_command(checkpoint_path: str) -> str:
+    """This run's command line with --resume pointing at `checkpoint_path`."""
+    flags, skip_next = [], False
+    for arg in sys.argv[1:]:
+        if skip_next or arg.startswith("--resume="):
+            skip_next = False
+            continue
+        if arg == "--resume":
+            skip_next = True
+            continue
+        flags.append(arg)
+    return shlex.join(["python", SCRIPT, *flags, "--resume", checkpoint_path])
+
+
+@contextlib.contextmanager
+def out_of_memory_fails(what: str):
+    """A failed allocation (MemoryError, or torch's RuntimeError) ends the run with one error line."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "alloc" not in str(e):
+            raise
+        fail(f"not enough memory for {what} at these sizes ({type(e).__name__})")
+
+
+def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[int], fast_lr: float) -> SummaryWriter:
+    """The TensorBoard writer (mirrored to Weights and Biases with --track), the hyperparameter table first. A resumed
+    run purges what the interrupted one logged after its checkpoint."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights and Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
+    writer = SummaryWriter(run_dir, purge_step=resumed_at + 1 if resumed_at is not None else None)
+    settings = {**vars(args), "fast_lr (effective)": fast_lr}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def checkpoint_due(args: Args, iteration: int) -> bool:
+    return bool(args.checkpoint_freq) and (iteration % args.checkpoint_freq == 0 or iteration == args.num_batches)
+
+
+def exit_interrupted(writer: SummaryWriter, iteration: int, checkpoint_path: str) -> None:
+    writer.close()
+    command = resume_command(checkpoint_path)
+    print(f"interrupted at meta-iteration {iteration}; checkpoint written; resume with: {command}", file=sys.stderr)
+    sys.exit(130)
+
+
+def exit_non_finite(writer: SummaryWriter, error: NonFinite, iteration: int, checkpoint_path: str) -> None:
+    writer.close()
+    intact = os.path.exists(checkpoint_path)
+    saved = f"the last checkpoint ({checkpoint_path}) is intact" if intact else "no checkpoint was written"
+    fail(f"{error} at meta-iteration {iteration}; stopping, {saved}")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    fast_lr = args.fast_lr if args.fast_lr is not None else default_fast_lr(args.policy, args.hyper_init,
-                                                                            args.hyper_embedding_norm)  # fmt: skip
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-
-    checkpoint = None
-    if args.resume:
-        try:
-            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
-            fail(f"cannot load checkpoint {args.resume}: {e}")
-        if not isinstance(checkpoint, dict) or "sampler_rng" not in checkpoint or "policy" not in checkpoint:
-            fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
-        made_with = {**{k: checkpoint["args"].get(k) for k in RESUME_MUST_MATCH}, "fast_lr": checkpoint.get("fast_lr")}
-        given = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "fast_lr": fast_lr}
-        differing = [k for k in made_with if made_with[k] != given[k]]  # a setting the checkpoint lacks differs too
-        if differing:
-            listing = ", ".join(f"--{k.replace('_', '-')} {made_with[k]} (given {given[k]})" for k in differing)
-            fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
-        if checkpoint["iteration"] >= args.num_batches:
-            fail(f"the checkpoint is at meta-iteration {checkpoint['iteration']}; pass --num-batches above it to continue")
-        run_name = checkpoint["run_name"]
-    else:
-        run_name = f"{args.env_id}__{args.exp_name}__{args.policy}__{args.seed}__{int(time.time())}"
-    eval_tasks = args.eval_tasks if args.eval_tasks is not None else args.num_test_tasks
+    fast_lr = effective_fast_lr(args)
+    checkpoint = load_file(args.resume, kinds=("checkpoint",)) if args.resume else None
+    if checkpoint is not None:
+        check_resume_settings(checkpoint, args, fast_lr)
+    stop = StopRequest()
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1135,148 +1516,107 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    # task pools and envs: one env per episode of the largest lockstep batch (training, evaluation, variance)
+    # task pools and the lockstep envs, one per episode of the largest batch (training, evaluation, variance)
     train_tasks, test_tasks = make_task_pool(args.env_id, args.seed, args.num_train_tasks, args.num_test_tasks)
     if checkpoint is not None:
-        train_tasks, test_tasks = ([Task(goal) for goal in checkpoint[key]] for key in ("train_tasks", "test_tasks"))
-    lockstep_tasks = max(args.meta_batch_size, eval_tasks if args.eval_freq else 0, args.variance_tasks if args.variance_iters else 0)
-    envs = make_task_envs(args.env_id, lockstep_tasks * args.fast_batch_size)
+        train_tasks, test_tasks = ([Task(goal) for goal in checkpoint["tasks"][key]] for key in ("train", "test"))
+    check_memory(args)
+    with out_of_memory_fails("the lockstep envs"):
+        envs = make_task_envs(args.env_id, lockstep_envs(args))
     obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
 
     # ALGO LOGIC: initialize agent here
-    policy = make_policy(args, obs_dim, act_dim, task_contexts(args.env_id, train_tasks))
-    task_rng = np.random.default_rng([args.seed, TASK_STREAM])  # the meta-batch draws
-    sampler_rng = np.random.default_rng([args.seed, SAMPLER_STREAM])  # env resets and action noise of training
-    start_iteration, last_eval, variance_results = 0, (float("nan"), float("nan")), {}
+    with out_of_memory_fails("the policy"):
+        learner = MAML(args, make_policy(args, obs_dim, act_dim, task_contexts(args.env_id, train_tasks)), fast_lr)
+    sampler = MetaBatchSampler(envs, train_tasks, args)
+    rngs, progress = GlobalRNGs(), Progress(args.num_batches, 0, args.variance_iters)
+    eval_tasks, variance_tasks = test_tasks[: args.eval_tasks or len(test_tasks)], train_tasks[: args.variance_tasks]
+
+    start_iteration, variance_results = 0, {}
     if checkpoint is not None:
-        policy.load_state_dict(checkpoint["policy"])
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        task_rng.bit_generator.state = checkpoint["task_rng"]
-        sampler_rng.bit_generator.state = checkpoint["sampler_rng"]
-        start_iteration, last_eval = checkpoint["iteration"], tuple(checkpoint["last_eval"])
+        run_name, run_dir = checkpoint["run_name"], os.path.dirname(os.path.abspath(args.resume))
+        start_iteration = restore_checkpoint(checkpoint, learner, sampler, rngs, progress)
+        variance_results = load_variance(os.path.join(run_dir, "variance.pt"), start_iteration)
+        progress.new_phase(start_iteration)
         print(f"resumed {run_name} at meta-iteration {start_iteration} from {args.resume}")
-
-    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint is not None else os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    else:
+        run_name, run_dir = make_run_dir(args)
     checkpoint_path, variance_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "variance.pt")
-    if checkpoint is not None and os.path.exists(variance_path):
-        variance_results = torch.load(variance_path, weights_only=False)["iterations"]
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs Weights and Biases: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=start_iteration + 1 if checkpoint is not None else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "fast_lr (effective)": fast_lr}.items()))
-    n_params = sum(p.numel() for p in policy.parameters())
-    print(f"{run_name}: {args.policy} policy ({n_params:,} parameters), fast_lr {fast_lr:g}, {len(envs)} envs in lockstep")
+    writer = open_writer(args, run_name, run_dir, start_iteration if checkpoint is not None else None, fast_lr)
+    n_params = sum(p.numel() for p in learner.policy.parameters())
+    print(f"{run_name}: {args.policy} policy ({n_params:,} parameters), fast_lr {fast_lr:g}, {len(envs)} lockstep envs")
 
-    def save_checkpoint(iteration: int) -> None:
-        atomic_save(
-            {
-                "args": vars(args), "run_name": run_name, "iteration": iteration, "fast_lr": fast_lr,
-                "policy": policy.state_dict(), "last_eval": last_eval,
-                "train_tasks": [task.goal for task in train_tasks], "test_tasks": [task.goal for task in test_tasks],
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                "task_rng": task_rng.bit_generator.state, "sampler_rng": sampler_rng.bit_generator.state,
-            },
-            checkpoint_path,
-        )  # fmt: skip
-
-    def stop(message: str, iteration: int) -> None:
-        """Stop on a non-finite value before it reaches the saved params; the last checkpoint stays as it was."""
-        saved = f"the last checkpoint ({checkpoint_path}) is intact" if os.path.exists(checkpoint_path) else "no checkpoint was written"
-        writer.close()
-        fail(f"{message} at meta-iteration {iteration}; stopping, {saved}")
-
-    start_time, interval_start, interval_iteration, interval_steps = time.time(), time.time(), start_iteration, 0
-    for iteration in range(start_iteration + 1, args.num_batches + 1):
-        iteration_start, steps = time.time(), 0
-        try:
+    iteration = start_iteration
+    try:
+        for iteration in range(start_iteration + 1, args.num_batches + 1):
+            iteration_start, steps, variance_seconds = time.time(), 0, 0.0
             if iteration in args.variance_iters:  # paper Fig. 5, on the meta-policy before this iteration's update
-                result = variance_experiment(envs, train_tasks[: args.variance_tasks], policy, args.variance_samples, args.fast_batch_size,
-                                             np.random.default_rng([args.seed, VARIANCE_STREAM, iteration]), fast_lr, args.gamma, args.gae_lambda)  # fmt: skip
+                variance_rng = np.random.default_rng([args.seed, VARIANCE_STREAM, iteration])
+                result = variance_experiment(
+                    envs,
+                    variance_tasks,
+                    learner.policy,
+                    args.variance_samples,
+                    args.fast_batch_size,
+                    variance_rng,
+                    fast_lr,
+                    args.gamma,
+                    args.gae_lambda,
+                )
                 steps += result.pop("env_steps")
                 variance_results[iteration] = result
-                writer.add_scalar("variance/return_mean", result["post_returns"].mean().item(), iteration)
-                writer.add_scalar("variance/return_std", result["post_returns"].std(unbiased=False).item(), iteration)
-                writer.add_scalar("variance/pre_return_std", result["pre_returns"].std(unbiased=False).item(), iteration)
-                writer.add_scalar("variance/inner_kl", result["inner_kl"].mean().item(), iteration)
-                atomic_save({"iterations": variance_results, "tasks": [task.goal for task in train_tasks[: args.variance_tasks]],
-                             "fast_lr": fast_lr, "args": vars(args)}, variance_path)  # fmt: skip
+                for name, value in variance_scalars(result).items():
+                    writer.add_scalar(f"variance/{name}", value, iteration)
+                save_variance(variance_path, args, variance_results, variance_tasks, fast_lr)
+                variance_seconds = time.time() - iteration_start
 
             # ALGO LOGIC: one MAML-TRPO meta-iteration (MAML Sec. 3.2 and 5.3)
             sampling_start = time.time()
-            tasks = [train_tasks[i] for i in task_rng.integers(0, len(train_tasks), size=args.meta_batch_size)]
-            train, train_advantages, valid, inner_steps = pre_and_post_adaptation(
-                envs, tasks, policy, args.fast_batch_size, sampler_rng, fast_lr, args.gamma, args.gae_lambda)
-            sampling_seconds = time.time() - sampling_start
-        except FloatingPointError as e:
-            stop(str(e), iteration)
-        steps += env_steps(train) + env_steps(valid)
-        update_start = time.time()
-        contexts = task_contexts(args.env_id, tasks)
-        meta_tasks = [MetaTask(context, train_episodes, advantages, valid_episodes, episode_advantages(valid_episodes, args.gamma, args.gae_lambda))
-                      for context, train_episodes, advantages, valid_episodes in zip(contexts, train, train_advantages, valid)]  # fmt: skip
-        params = dict(policy.named_parameters())
-        objective = meta_objective(policy, params, meta_tasks, fast_lr, args.first_order)
-        new_params, stats = trpo_step(params, objective, args.max_kl, args.cg_damping, args.cg_iters, args.ls_max_steps, args.ls_backtrack_ratio)
-        for name, value in [("surrogate", stats["surrogate_before"]), ("KL", stats["kl"])]:
-            if not np.isfinite(value):
-                stop(f"non-finite {name} ({value})", iteration)
-        bad = [name for name, p in new_params.items() if not torch.isfinite(p).all()]
-        if bad:
-            stop(f"non-finite parameters ({', '.join(bad)})", iteration)
-        policy.load_state_dict(new_params)
-        update_seconds = time.time() - update_start
-        pre_return, post_return = mean_return(train), mean_return(valid)
+            tasks, train, train_advantages, valid, inner_steps = sampler.sample(learner.policy, fast_lr)
+            update_start = time.time()
+            with out_of_memory_fails("the meta-update (--first-order keeps no second-order graph)"):
+                stats = learner.update(tasks, train, train_advantages, valid)
+            update_seconds = time.time() - update_start
+            steps += env_steps(train) + env_steps(valid)
 
-        if args.eval_freq and (iteration % args.eval_freq == 0 or iteration == args.num_batches):
-            try:
-                eval_pre, eval_post, eval_steps = evaluate(envs, test_tasks[:eval_tasks], policy, args.fast_batch_size,
-                                                           np.random.default_rng([args.seed, EVAL_STREAM]), fast_lr, args.gamma, args.gae_lambda)  # fmt: skip
-            except FloatingPointError as e:
-                stop(f"{e} in the evaluation", iteration)
-            last_eval, steps = (eval_pre, eval_post), steps + eval_steps
-            writer.add_scalar("eval/pre_adaptation_return", eval_pre, iteration)
-            writer.add_scalar("eval/post_adaptation_return", eval_post, iteration)
+            if args.eval_freq and (iteration % args.eval_freq == 0 or iteration == args.num_batches):
+                eval_pre, eval_post, eval_steps = evaluate(envs, eval_tasks, learner.policy, args.fast_batch_size,
+                                                           np.random.default_rng([args.seed, EVAL_STREAM]), fast_lr,
+                                                           args.gamma, args.gae_lambda)  # fmt: skip
+                progress.last_eval, steps = (eval_pre, eval_post), steps + eval_steps
+                writer.add_scalar("eval/pre_adaptation_return", eval_pre, iteration)
+                writer.add_scalar("eval/post_adaptation_return", eval_post, iteration)
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
-        iteration_seconds = time.time() - iteration_start
-        writer.add_scalar("charts/pre_adaptation_return", pre_return, iteration)
-        writer.add_scalar("charts/post_adaptation_return", post_return, iteration)
-        for key, values in inner_steps.items():  # means over the meta-batch's tasks
-            writer.add_scalar(f"adaptation/{key}", values.mean().item(), iteration)
-        writer.add_scalar("losses/surrogate_before", stats["surrogate_before"], iteration)
-        writer.add_scalar("losses/surrogate_after", stats["surrogate"], iteration)
-        writer.add_scalar("losses/kl", stats["kl"], iteration)
-        writer.add_scalar("losses/line_search_steps", stats["ls_steps"], iteration)
-        writer.add_scalar("charts/SPS", int(steps / iteration_seconds), iteration)
-        writer.add_scalar("charts/iteration_seconds", iteration_seconds, iteration)
-        writer.add_scalar("charts/sampling_seconds", sampling_seconds, iteration)
-        writer.add_scalar("charts/update_seconds", update_seconds, iteration)
-        interval_steps += steps
-        if iteration % args.progress_freq == 0 or iteration == args.num_batches:
-            now = time.time()
-            seconds_per_iteration = (now - interval_start) / (iteration - interval_iteration)
-            sps = interval_steps / max(now - interval_start, 1e-9)
-            eta = format_duration((args.num_batches - iteration) * (now - start_time) / (iteration - start_iteration))
-            fields = [f"iteration {iteration}/{args.num_batches}", f"{seconds_per_iteration:.1f} s/it", f"{sps:.0f} env steps/s",
-                      f"ETA {eta}", f"pre {pre_return:.1f}", f"post {post_return:.1f}",
-                      f"inner KL {inner_steps['inner_kl'].mean().item():.3g}"]  # fmt: skip
-            if np.isfinite(last_eval[0]):
-                fields.append(f"eval pre {last_eval[0]:.1f} post {last_eval[1]:.1f}")
-            print(" | ".join(fields), flush=True)
-            interval_start, interval_iteration, interval_steps = now, iteration, 0
-        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_batches):
-            save_checkpoint(iteration)
+            # TRY NOT TO MODIFY: record rewards for plotting purposes
+            iteration_seconds = time.time() - iteration_start
+            pre_return, post_return = mean_return(train), mean_return(valid)
+            writer.add_scalar("charts/pre_adaptation_return", pre_return, iteration)
+            writer.add_scalar("charts/post_adaptation_return", post_return, iteration)
+            for key, values in inner_steps.items():  # means over the meta-batch's tasks
+                writer.add_scalar(f"adaptation/{key}", values.mean().item(), iteration)
+            writer.add_scalar("losses/surrogate_before", stats["surrogate_before"], iteration)
+            writer.add_scalar("losses/surrogate_after", stats["surrogate"], iteration)
+            writer.add_scalar("losses/kl", stats["kl"], iteration)
+            writer.add_scalar("losses/line_search_steps", stats["ls_steps"], iteration)
+            writer.add_scalar("charts/SPS", int(steps / iteration_seconds), iteration)
+            writer.add_scalar("charts/iteration_seconds", iteration_seconds, iteration)
+            writer.add_scalar("charts/sampling_seconds", update_start - sampling_start, iteration)
+            writer.add_scalar("charts/update_seconds", update_seconds, iteration)
+            progress.record(steps, iteration_seconds, variance_seconds)
+            if iteration % args.progress_freq == 0 or iteration == args.num_batches:
+                progress.print(iteration, pre_return, post_return, inner_steps["inner_kl"].mean().item())
+            if stop.requested or checkpoint_due(args, iteration):
+                save_checkpoint(checkpoint_path, args, run_name, iteration, train_tasks, test_tasks, learner, sampler,
+                                rngs, progress)  # fmt: skip
+            if stop.requested and iteration < args.num_batches:
+                exit_interrupted(writer, iteration, checkpoint_path)
+    except NonFinite as e:
+        exit_non_finite(writer, e, iteration, checkpoint_path)
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        atomic_save({"args": vars(args), "iteration": args.num_batches, "fast_lr": fast_lr, "policy": policy.state_dict()}, model_path)
+        save_file({"args": vars(args), "iteration": args.num_batches, "fast_lr": fast_lr,
+                   "policy": learner.policy.state_dict()}, model_path, kind="model")  # fmt: skip
         print(f"model saved to {model_path}")
     for env in envs:
         env.close()

@@ -1,7 +1,11 @@
 import copy
 import dataclasses
 import os
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -872,7 +876,7 @@ def test_sampler_refuses_a_non_finite_action_before_stepping_the_env():
         policy.log_std[2] = float("nan")
     envs = make_task_envs("HalfCheetahVel", 1)
     logs = record_steps(envs)
-    with pytest.raises(FloatingPointError, match="non-finite action"):
+    with pytest.raises(hyper_maml.NonFinite, match="non-finite action"):
         sample_episodes(envs, [Task(1.0)], policy, None, 1, np.random.default_rng(0))
     assert len(logs[0]) == 1  # reset only
 
@@ -968,6 +972,11 @@ def test_default_inner_step_moves_hyper_about_as_far_as_vanilla():
         ({"eval_tasks": 21}, "--eval-tasks must be in [1, --num-test-tasks 20]"),
         ({"variance_tasks": 101}, "larger than --num-train-tasks 100"),
         ({"variance_iters": (1, 401)}, "--variance-iters must lie in [1, --num-batches 400], got 401"),
+        ({"seed": -1}, "--seed must be >= 0, got -1"),
+        ({"max_kl": float("inf")}, "--max-kl must be a finite number, got inf"),
+        ({"cg_damping": float("inf")}, "--cg-damping must be a finite number, got inf"),
+        ({"fast_lr": float("nan")}, "--fast-lr must be a finite number, got nan"),
+        ({"exp_name": "a/b"}, "--exp-name must be a plain name"),
     ],
 )
 def test_impossible_settings_fail_with_one_error_line(overrides, message, capsys):
@@ -1036,17 +1045,19 @@ def test_cli_run_trains_evaluates_and_logs_every_tag(policy, small_runs):
         assert (after < before and 0 < kl <= 0.01) if steps >= 0 else (after == before and kl == 0)
     assert all(-1500 < value < 0 for _, value in tags["charts/pre_adaptation_return"])  # -|v - v_goal| - ctrl over 200 steps
     assert all(0 < value < 100 for _, value in tags["adaptation/inner_kl"])  # every inner step moved the policy
-    model = torch.load(os.path.join(run_dir, "hyper_maml.cleanrl_model"), weights_only=False)
-    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    model = torch.load(os.path.join(run_dir, "hyper_maml.cleanrl_model"), weights_only=True)
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert model["args"]["policy"] == policy and model["fast_lr"] == default_fast_lr(policy)
-    assert checkpoint["iteration"] == 2 and all(torch.equal(model["policy"][k], v) for k, v in checkpoint["policy"].items())
-    assert len(checkpoint["train_tasks"]) == 6 and len(checkpoint["test_tasks"]) == 3
+    policy_state = checkpoint["learner"]["policy"]
+    assert checkpoint["iteration"] == 2 and all(torch.equal(model["policy"][k], v) for k, v in policy_state.items())
+    assert len(checkpoint["tasks"]["train"]) == 6 and len(checkpoint["tasks"]["test"]) == 3
+    assert (model["format"], model["kind"], checkpoint["kind"]) == ("hyper_maml/2", "model", "checkpoint")
 
 
 @pytest.mark.parametrize("policy", ["context", "hyper"])
 def test_cli_variance_experiment_saves_its_samples_and_logs_mean_and_std(policy, small_runs):
     _, run_dir = small_runs(policy)
-    saved = torch.load(os.path.join(run_dir, "variance.pt"), weights_only=False)
+    saved = torch.load(os.path.join(run_dir, "variance.pt"), weights_only=True)
     assert list(saved["iterations"]) == [2] and len(saved["tasks"]) == 2
     result = saved["iterations"][2]
     assert result["post_returns"].shape == result["pre_returns"].shape == (3,) and result["post_task_returns"].shape == (3, 2)
@@ -1054,6 +1065,12 @@ def test_cli_variance_experiment_saves_its_samples_and_logs_mean_and_std(policy,
     assert tags["variance/return_mean"] == [(2, pytest.approx(result["post_returns"].mean().item(), rel=1e-5))]
     assert tags["variance/return_std"] == [(2, pytest.approx(result["post_returns"].std(unbiased=False).item(), rel=1e-5))]
     assert tags["variance/inner_kl"] == [(2, pytest.approx(result["inner_kl"].mean().item(), rel=1e-5))]
+
+
+def signed(contents):
+    """A file's contents with its digest recomputed, as if the script had written them."""
+    contents = {key: value for key, value in contents.items() if key != "sha256"}
+    return {**contents, "sha256": hyper_maml.content_digest(contents)}
 
 
 def test_resumed_run_equals_an_uninterrupted_one(small_runs, tmp_path):
@@ -1065,13 +1082,13 @@ def test_resumed_run_equals_an_uninterrupted_one(small_runs, tmp_path):
     checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
     proc = run([*longer, "--resume", checkpoint], tmp_path / "b")
     assert "resumed" in proc.stdout and "iteration 3/3" in proc.stdout
-    a = torch.load(os.path.join(only_run_dir(tmp_path / "a"), "hyper_maml.cleanrl_model"), weights_only=False)["policy"]
-    b = torch.load(os.path.join(only_run_dir(tmp_path / "b"), "hyper_maml.cleanrl_model"), weights_only=False)["policy"]
-    original = torch.load(os.path.join(run_dir, "hyper_maml.cleanrl_model"), weights_only=False)["policy"]
+    a = torch.load(os.path.join(only_run_dir(tmp_path / "a"), "hyper_maml.cleanrl_model"), weights_only=True)["policy"]
+    b = torch.load(os.path.join(only_run_dir(tmp_path / "b"), "hyper_maml.cleanrl_model"), weights_only=True)["policy"]
+    original = torch.load(os.path.join(run_dir, "hyper_maml.cleanrl_model"), weights_only=True)["policy"]
     assert not all(torch.equal(a[k], original[k]) for k in a)  # the third meta-update changed the policy
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
-    assert list(torch.load(os.path.join(only_run_dir(tmp_path / "b"), "variance.pt"), weights_only=False)["iterations"]) == [2]
+    assert list(torch.load(os.path.join(only_run_dir(tmp_path / "b"), "variance.pt"), weights_only=True)["iterations"]) == [2]
 
 
 def test_resume_refuses_different_settings(small_runs, tmp_path):
@@ -1088,9 +1105,9 @@ def test_resume_refuses_different_settings(small_runs, tmp_path):
 
 def test_resume_refuses_a_checkpoint_without_a_newer_setting(small_runs, tmp_path):
     _, run_dir = small_runs("hyper")
-    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     del checkpoint["args"]["hyper_embedding_norm"]  # as written before the setting existed
-    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    torch.save(signed(checkpoint), tmp_path / "checkpoint.pt")
     resume = ["--resume", str(tmp_path / "checkpoint.pt")]
     proc = run([*SMALL_RUN, "--policy", "hyper", "--num-batches", "3", *resume], tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -1102,16 +1119,16 @@ def test_non_finite_policy_stops_the_run_naming_the_iteration_and_keeps_the_chec
     _, run_dir = small_runs("vanilla")
     shutil.copytree(run_dir, tmp_path / "run")
     checkpoint_path = str(tmp_path / "run" / "checkpoint.pt")
-    checkpoint = torch.load(checkpoint_path, weights_only=False)
-    checkpoint["policy"]["log_std"][0] = 1e38  # std = inf: the next sampled action is not finite
-    torch.save(checkpoint, checkpoint_path)
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    checkpoint["learner"]["policy"]["log_std"][0] = 1e38  # std = inf: the next sampled action is not finite
+    torch.save(signed(checkpoint), checkpoint_path)
     proc = run([*SMALL_RUN, "--policy", "vanilla", "--num-batches", "4", "--checkpoint-freq", "1", "--resume", checkpoint_path], tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "non-finite action" in errors[0]
     assert errors[0].endswith(f"at meta-iteration 3; stopping, the last checkpoint ({checkpoint_path}) is intact")
-    after = torch.load(checkpoint_path, weights_only=False)
-    assert after["iteration"] == 2 and after["policy"]["log_std"][0] == 1e38
+    after = torch.load(checkpoint_path, weights_only=True)
+    assert after["iteration"] == 2 and after["learner"]["policy"]["log_std"][0] == 1e38
 
 
 def test_cli_bad_input_fails_cleanly(tmp_path):
@@ -1126,3 +1143,125 @@ def test_help_lists_the_flags(tmp_path):
     proc = run(["--help"], tmp_path)
     for flag in ("--env-id", "--policy", "--fast-lr", "--meta-batch-size", "--variance-iters", "--resume", "--first-order"):
         assert flag in proc.stdout
+
+
+# --- run infrastructure: safe files, unique run directories, Ctrl-C, the guard, one error line -------------------
+
+TINY_RUN = ["--policy", "vanilla", "--meta-batch-size", "1", "--fast-batch-size", "1", "--num-train-tasks", "2",
+            "--num-test-tasks", "1", "--variance-tasks", "1", "--eval-freq", "0", "--hidden-sizes", "8"]  # fmt: skip
+
+
+class _Payload:
+    """Unpickling it would create a marker file: a stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def assert_one_error_line(proc, message):
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+@pytest.mark.parametrize("path", ["checkpoint.pt", "variance.pt"])
+def test_a_malicious_checkpoint_or_variance_file_runs_nothing(path, small_runs, tmp_path):
+    _, run_dir = small_runs("vanilla")
+    shutil.copytree(run_dir, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    torch.save({"format": "hyper_maml/2", "iterations": _Payload(str(marker))}, tmp_path / "run" / path)
+    resume = ["--resume", str(tmp_path / "run" / "checkpoint.pt")]
+    proc = run([*SMALL_RUN, "--policy", "vanilla", "--num-batches", "3", *resume], tmp_path, check=False)
+    assert not marker.exists()
+    assert_one_error_line(proc, f"cannot load {tmp_path / 'run' / path}")
+
+
+def test_random_bytes_foreign_corrupted_and_wrong_kind_files_are_refused(small_runs, tmp_path):
+    _, run_dir = small_runs("vanilla")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    torch.save({"policy": {}, "sampler_rng": {}}, tmp_path / "foreign.pt")  # an older version's or another script's
+    contents = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    contents["learner"]["policy"]["fcs.0.weight"][0, 0] += 1.0  # one weight changed, the stored digest kept
+    torch.save(contents, tmp_path / "corrupted.pt")
+    expected = {"random.pt": "not a checkpoint, model or variance file", "foreign.pt": "written by this version",
+                "corrupted.pt": "corrupted",
+                os.path.join(run_dir, "hyper_maml.cleanrl_model"): "expected a checkpoint"}  # fmt: skip
+    for path, message in expected.items():
+        proc = run([*SMALL_RUN, "--policy", "vanilla", "--num-batches", "3", "--resume", path], tmp_path, check=False)
+        assert_one_error_line(proc, message)
+
+
+def test_runs_started_together_get_their_own_directories(tmp_path):
+    command = [sys.executable, SCRIPT, "--num-threads", "1", *TINY_RUN, "--num-batches", "1"]
+    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(2)]  # fmt: skip
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    run_dirs = sorted(os.listdir(tmp_path / "runs"))
+    assert len(run_dirs) == 2 and all(os.path.exists(tmp_path / "runs" / d / "checkpoint.pt") for d in run_dirs)
+    assert all("__hyper_maml__vanilla__0__" in d for d in run_dirs)  # the run name says which policy
+
+
+def test_ctrl_c_writes_a_checkpoint_and_its_resume_command_finishes_the_run_exactly(tmp_path):
+    common = [*TINY_RUN, "--num-batches", "3", "--checkpoint-freq", "0", "--save-model"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run(common, tmp_path / "a")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--num-threads", "1", *common], cwd=tmp_path / "b",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("iteration 1/3"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=300)
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in stderr and last.startswith("interrupted at meta-iteration ")
+    python, script, *flags = shlex.split(last.split("resume with: ")[1])
+    assert (python, script) == ("python", "hyper_maml.py") and flags[-2] == "--resume"
+    assert torch.load(tmp_path / "b" / flags[-1], weights_only=True)["iteration"] in (1, 2)
+    subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path / "b", check=True, capture_output=True, timeout=300)
+    models = [os.path.join(only_run_dir(tmp_path / d), "hyper_maml.cleanrl_model") for d in ("a", "b")]
+    a, b = (torch.load(model, weights_only=True)["policy"] for model in models)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_resume_refuses_a_different_evaluation_setting(small_runs, tmp_path):
+    _, run_dir = small_runs("hyper")
+    resume = ["--resume", os.path.join(run_dir, "checkpoint.pt")]
+    flags = [*SMALL_RUN, "--policy", "hyper", "--num-batches", "3", "--eval-tasks", "1", *resume]
+    proc = run(flags, tmp_path, check=False)
+    assert_one_error_line(proc, "--eval-tasks 2 (given 1)")
+
+
+def test_the_guard_refuses_non_finite_losses_and_weights_from_the_trpo_step():
+    policy = tiny_policy("vanilla", dtype=torch.float32)
+    before = copy.deepcopy(policy.state_dict())
+    new_params = {name: p.detach() + 1.0 for name, p in policy.named_parameters()}
+    new_params["log_std"][0] = float("inf")
+    with pytest.raises(hyper_maml.NonFinite, match=r"non-finite weights after the TRPO step \(log_std\)"):
+        hyper_maml.guarded_step(policy, new_params, "TRPO", surrogate=0.5, kl=0.01)
+    with pytest.raises(hyper_maml.NonFinite, match=r"non-finite surrogate \(nan\)"):
+        hyper_maml.guarded_step(policy, new_params, "TRPO", surrogate=float("nan"), kl=0.01)
+    assert all(torch.equal(before[key], value) for key, value in policy.state_dict().items())  # nothing taken
+
+
+def test_a_huge_meta_batch_is_refused_before_building_any_env(tmp_path):
+    proc = run(["--meta-batch-size", str(10**9)], tmp_path, check=False)
+    assert_one_error_line(proc, "20,000,000,000 lockstep envs")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_runs_being_a_file_gives_one_error_line(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    proc = run([*TINY_RUN, "--num-batches", "1"], tmp_path, check=False)
+    assert_one_error_line(proc, "cannot create the run directory")
+
+
+def test_the_eta_counts_variance_experiments_at_their_own_rate():
+    progress = hyper_maml.Progress(total=10, iteration=0, variance_iters=(1, 5))
+    assert progress.eta_seconds(0) is None  # a variance experiment is due and none has been timed
+    progress.record(steps=100, seconds=101.0, variance_seconds=100.0)  # iteration 1: 1 s, and 100 s of variance
+    progress.record(steps=100, seconds=3.0)  # iteration 2
+    assert progress.eta_seconds(2) == pytest.approx(8 * 2.0 + 1 * 100.0)
