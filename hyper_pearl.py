@@ -9,6 +9,7 @@
 #     "tensorboard>=2.10",
 # ]
 # ///
+# docs, measured results, the checkpoint format and failures: docs/hyper_pearl.md
 """PEARL with MLP or hypernetwork policy and critic on the paper's meta-RL task families.
 
 Implements the PEARL experiments of Keynan, Sarafian & Kraus, "Recomposing the Reinforcement Learning Building Blocks
@@ -57,8 +58,13 @@ Where this differs from the authors' PEARL code (HypeRL PEARL/, a fork of oyster
   its per-iteration online-return files; eval/test_return_trajectory_k gives the online returns instead.
 """
 
+import contextlib
+import dataclasses
+import hashlib
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -113,7 +119,9 @@ FAMILY_SPECS = {
     "AntFwdBack": FamilySpec("Ant", "direction"),
     "HalfCheetahVel": FamilySpec("HalfCheetah", "velocity"),
     "AntVel": FamilySpec("Ant", "velocity"),
-    "HalfCheetahVelMedium": FamilySpec("HalfCheetah", "velocity", train_velocities=(0.0, 2.5), test_velocities=(2.5, 3.0)),
+    "HalfCheetahVelMedium": FamilySpec(
+        "HalfCheetah", "velocity", train_velocities=(0.0, 2.5), test_velocities=(2.5, 3.0)
+    ),
 }
 
 
@@ -121,12 +129,6 @@ FAMILY_SPECS = {
 class Task:
     goal: float
     """the direction d in {-1, +1} for the Fwd-Back families, the goal velocity v_goal (m/s) for the Vel families"""
-
-
-def fail(message: str) -> None:
-    """One clear error line and a non-zero exit, instead of a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def family_spec(family: str) -> FamilySpec:
@@ -538,9 +540,13 @@ class HyperPolicy(nn.Module):
                  dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
         super().__init__()
         self.primary = PrimaryNetwork(latent_dim, embedding_dim, blocks)
-        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, obs_dim, dynamic_hidden),
-                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim),
-                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim)])
+        self.heads = nn.ModuleList(
+            [
+                DynamicLayerHeads(embedding_dim, obs_dim, dynamic_hidden),
+                DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim),
+                DynamicLayerHeads(embedding_dim, dynamic_hidden, act_dim),
+            ]
+        )
 
     def task_weights(self, z: torch.Tensor):
         """z (tasks, latent) -> the dynamic network's [(W, b, g)] per task: run the primary network once per task."""
@@ -577,8 +583,12 @@ class HyperQ(nn.Module):
                  dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
         super().__init__()
         self.primary = PrimaryNetwork(obs_dim, embedding_dim, blocks)
-        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, act_dim + latent_dim, dynamic_hidden),
-                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, 1)])
+        self.heads = nn.ModuleList(
+            [
+                DynamicLayerHeads(embedding_dim, act_dim + latent_dim, dynamic_hidden),
+                DynamicLayerHeads(embedding_dim, dynamic_hidden, 1),
+            ]
+        )
 
     def forward(self, obs, act, z):
         """(..., obs_dim), (..., act_dim), (..., latent) -> (..., 1); dynamic weights per sample (from its state)."""
@@ -596,8 +606,12 @@ class HyperV(nn.Module):
                  blocks: int = HYPER_BLOCKS, dynamic_hidden: int = DYNAMIC_HIDDEN):  # fmt: skip
         super().__init__()
         self.primary = PrimaryNetwork(obs_dim, embedding_dim, blocks)
-        self.heads = nn.ModuleList([DynamicLayerHeads(embedding_dim, latent_dim, dynamic_hidden),
-                                    DynamicLayerHeads(embedding_dim, dynamic_hidden, 1)])
+        self.heads = nn.ModuleList(
+            [
+                DynamicLayerHeads(embedding_dim, latent_dim, dynamic_hidden),
+                DynamicLayerHeads(embedding_dim, dynamic_hidden, 1),
+            ]
+        )
 
     def forward(self, obs, z):
         """(..., obs_dim), (..., latent) -> (..., 1)."""
@@ -717,7 +731,8 @@ def init_hypernetwork(module: nn.Module, meta_samples: Optional[torch.Tensor],
 # 256 transitions and a context batch per task:
 #   z ~ q(z | c)                                   one reparameterised sample per task, from its context batch
 #   Q target   y   = 5 r + gamma (1 - d) V_target(s', z)
-#   Q loss         = mean (Q1(s, a, z) - y)^2 + mean (Q2(s, a, z) - y)^2,  plus 0.1 * sum over tasks KL(q(z|c) || N(0, I))
+#   Q loss         = mean (Q1(s, a, z) - y)^2 + mean (Q2(s, a, z) - y)^2
+#                    + 0.1 * sum over tasks KL(q(z|c) || N(0, I))
 #   V target       = min(Q1, Q2)(s, a~, z) - log pi(a~ | s, z),   a~ ~ pi(. | s, z)
 #   policy loss    = mean(log pi(a~ | s, z) - min(Q1, Q2)(s, a~, z)) + 1e-3 mean(mean^2) + 1e-3 mean(log_std^2)
 # The encoder is trained by the Q loss and the KL term only: V, V_target and the policy see z.detach(). As in oyster,
@@ -764,7 +779,14 @@ class PEARLAgent(nn.Module):
     def __init__(self, encoder: ContextEncoder, policy: nn.Module, qf1: nn.Module, qf2: nn.Module, vf: nn.Module,
                  target_vf: nn.Module):  # fmt: skip
         super().__init__()
-        self.encoder, self.policy, self.qf1, self.qf2, self.vf, self.target_vf = encoder, policy, qf1, qf2, vf, target_vf
+        self.encoder, self.policy, self.qf1, self.qf2, self.vf, self.target_vf = (
+            encoder,
+            policy,
+            qf1,
+            qf2,
+            vf,
+            target_vf,
+        )
         self.target_vf.load_state_dict(self.vf.state_dict())
         self.target_vf.requires_grad_(False)
 
@@ -780,7 +802,9 @@ class Batch:
     terminals: torch.Tensor
 
 
-def critic_loss(agent: PEARLAgent, batch: Batch, context: torch.Tensor, reward_scale: float, gamma: float, kl_lambda: float):
+def critic_loss(
+    agent: PEARLAgent, batch: Batch, context: torch.Tensor, reward_scale: float, gamma: float, kl_lambda: float
+):
     """Q loss plus kl_lambda * KL, the one loss that reaches the encoder. Returns (loss, z (tasks, latent), stats)."""
     posterior = agent.encoder.posterior(context)
     z = sample_z(posterior)
@@ -792,7 +816,8 @@ def critic_loss(agent: PEARLAgent, batch: Batch, context: torch.Tensor, reward_s
         target = q_target(batch.rewards, batch.terminals, agent.target_vf(batch.next_obs, z_rows), reward_scale, gamma)
     qf1_loss, qf2_loss = F.mse_loss(q1, target), F.mse_loss(q2, target)
     stats = {"qf1_loss": qf1_loss, "qf2_loss": qf2_loss, "qf1_values": q1.mean(), "qf2_values": q2.mean(),
-             "kl_div": kl, "z_mean": posterior.loc.abs().mean(), "z_var": posterior.scale.pow(2).mean(), "q_target": target}  # fmt: skip
+             "kl_div": kl, "z_mean": posterior.loc.abs().mean(), "z_var": posterior.scale.pow(2).mean(),
+             "q_target": target}  # fmt: skip
     return qf1_loss + qf2_loss + kl_lambda * kl, z, stats
 
 
@@ -828,38 +853,56 @@ def saturation_diagnostics(agent: PEARLAgent, batch: Batch, context: torch.Tenso
     the diagnostic leaves the training's random streams untouched."""
     prior, posterior = agent.encoder.prior(len(context)), agent.encoder.posterior(context)
     noise = torch.as_tensor(rng.standard_normal((2, *prior.loc.shape)), dtype=torch.float32)
-    return {f"policy_saturation_{name}_z": policy_saturation(agent.policy, batch.obs, q.loc + q.scale * eps)
-            for name, q, eps in (("prior", prior, noise[0]), ("posterior", posterior, noise[1]))}
+    return {
+        f"policy_saturation_{name}_z": policy_saturation(agent.policy, batch.obs, q.loc + q.scale * eps)
+        for name, q, eps in (("prior", prior, noise[0]), ("posterior", posterior, noise[1]))
+    }
 
 
-def check_finite(name: str, value: torch.Tensor) -> None:
-    if not torch.isfinite(value).all():
-        raise FloatingPointError(f"non-finite {name} ({value.item() if value.numel() == 1 else 'tensor'})")
-
-
-def train_step(agent: PEARLAgent, optimizers: dict, batch: Batch, context: torch.Tensor, reward_scale: float = REWARD_SCALE,
-               gamma: float = GAMMA, tau: float = TAU, kl_lambda: float = KL_LAMBDA) -> dict:  # fmt: skip
-    """One PEARL gradient step (see the section comment). Raises FloatingPointError before an optimizer step whose
-    loss is not finite. Returns the step's scalars."""
+def train_step(agent: PEARLAgent, optimizers: dict, batch: Batch, context: torch.Tensor,
+               reward_scale: float = REWARD_SCALE, gamma: float = GAMMA, tau: float = TAU,
+               kl_lambda: float = KL_LAMBDA) -> dict:  # fmt: skip
+    """One PEARL gradient step (see the section comment), each optimizer step guarded (`guarded_step`): a non-finite
+    loss stops the step before it reaches the weights, a non-finite weight right after it. Returns the step's
+    scalars."""
     loss, z, stats = critic_loss(agent, batch, context, reward_scale, gamma, kl_lambda)
-    check_finite("Q loss + KL", loss)
-    for name in ("context", "qf1", "qf2"):
-        optimizers[name].zero_grad(set_to_none=True)
-    loss.backward()
-    for name in ("context", "qf1", "qf2"):
-        optimizers[name].step()
+    guarded_step([optimizers[name] for name in ("context", "qf1", "qf2")], loss, "Q and encoder", {"Q loss + KL": loss})
 
     vf_loss, policy_loss, more = value_and_policy_losses(agent, batch, z)
-    check_finite("V loss", vf_loss)
-    check_finite("policy loss", policy_loss)
-    optimizers["vf"].zero_grad(set_to_none=True)
-    optimizers["policy"].zero_grad(set_to_none=True)
-    (vf_loss + policy_loss).backward()  # disjoint parameters: V's loss has a detached target, the policy's no V
-    optimizers["vf"].step()
-    optimizers["policy"].step()
+    # one backward for both: disjoint parameters, V's loss has a detached target and the policy's no V
+    guarded_step([optimizers["vf"], optimizers["policy"]], vf_loss + policy_loss, "V and policy",
+                 {"V loss": vf_loss, "policy loss": policy_loss})  # fmt: skip
     soft_update(agent.vf, agent.target_vf, tau)
     stats.pop("q_target")
-    return {k: float(v.detach()) for k, v in {**stats, **more, "qf_loss": stats["qf1_loss"] + stats["qf2_loss"]}.items()}
+    return {
+        k: float(v.detach()) for k, v in {**stats, **more, "qf_loss": stats["qf1_loss"] + stats["qf2_loss"]}.items()
+    }
+
+
+class PEARL:
+    """The learner: the agent's networks and an Adam optimizer for each of the encoder, the policy, Q1, Q2 and V
+    (PEARL's or Hyper-PEARL's learning rates). `update` is one PEARL gradient step (`train_step`)."""
+
+    def __init__(self, args, agent: PEARLAgent):
+        self.args, self.agent, lrs = args, agent, learning_rates(args)
+        modules = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
+        self.optimizers = {
+            name: torch.optim.Adam(module.parameters(), lr=lrs[name]) for name, module in modules.items()
+        }
+
+    def update(self, batch: Batch, context: torch.Tensor) -> dict:
+        args = self.args
+        return train_step(self.agent, self.optimizers, batch, context, args.reward_scale, args.gamma, args.tau,
+                          args.kl_lambda)  # fmt: skip
+
+    def state_dict(self) -> dict:
+        optimizers = {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+        return {"agent": self.agent.state_dict(), "optimizers": optimizers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.agent.load_state_dict(state["agent"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
 
 
 # Replay: per-task buffers (oyster MultiTaskReplayBuffer)
@@ -904,10 +947,12 @@ class TaskBuffer:
         return {k: self.data[k][idx] for k in FIELDS}
 
     def state_dict(self) -> dict:
-        return {"data": {k: v[: self.size].copy() for k, v in self.data.items()}, "pos": self.pos, "size": self.size}
+        data = {k: torch.from_numpy(v[: self.size].copy()) for k, v in self.data.items()}
+        return {"data": data, "pos": self.pos, "size": self.size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.data, self.size, self.pos = dict(state["data"]), state["size"], state["pos"]
+        self.data = {k: v.numpy() for k, v in state["data"].items()}
+        self.size, self.pos = state["size"], state["pos"]
 
 
 class MultiTaskBuffer:
@@ -948,11 +993,13 @@ def rollout(env: gym.Env, policy: nn.Module, z: torch.Tensor, deterministic: boo
     obs, _ = env.reset(seed=seed)
     path = {k: [] for k in FIELDS}
     while True:
-        mean, log_std = policy.dist_params_with_weights(weights, torch.as_tensor(obs, dtype=torch.float32).view(1, 1, -1))
+        mean, log_std = policy.dist_params_with_weights(
+            weights, torch.as_tensor(obs, dtype=torch.float32).view(1, 1, -1)
+        )
         action = torch.tanh(mean if deterministic else mean + log_std.exp() * torch.randn_like(mean))
         action = action.view(-1).numpy()
         if not np.isfinite(action).all():
-            raise FloatingPointError("non-finite action from the policy")
+            raise NonFinite("non-finite action from the policy")
         next_obs, reward, terminated, truncated, _ = env.step(action)
         for k, v in zip(FIELDS, (obs, action, [reward], next_obs, [float(terminated)])):
             path[k].append(np.asarray(v, dtype=np.float32))
@@ -965,14 +1012,20 @@ def new_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**31 - 1))
 
 
+def draw_z(q: Normal, rng: np.random.Generator) -> torch.Tensor:
+    """z ~ q with its noise from `rng`, not from torch's stream: evaluation leaves the training's streams untouched."""
+    return q.loc + q.scale * torch.as_tensor(rng.standard_normal(tuple(q.loc.shape)), dtype=q.loc.dtype)
+
+
 def buffer_context(buffer: TaskBuffer, n: int, rng: np.random.Generator) -> torch.Tensor:
     """A context of n transitions (s, a, r) sampled from one task's buffer, (1, n, obs + act + 1)."""
     sample = buffer.sample(n, rng)
     return make_context(*(torch.as_tensor(sample[k]).unsqueeze(0) for k in ("obs", "actions", "rewards")))
 
 
-def collect(env: TaskEnv, task: Task, agent: PEARLAgent, n_steps: int, rl_buffer: TaskBuffer, encoder_buffer: TaskBuffer,
-            add_to_encoder: bool, use_posterior: bool, context_batch: int, rng: np.random.Generator) -> list:  # fmt: skip
+def collect(env: TaskEnv, task: Task, agent: PEARLAgent, n_steps: int, rl_buffer: TaskBuffer,
+            encoder_buffer: TaskBuffer, add_to_encoder: bool, use_posterior: bool, context_batch: int,
+            rng: np.random.Generator) -> list:  # fmt: skip
     """oyster's collect_data: whole trajectories until at least n_steps transitions, starting from z ~ prior. With
     use_posterior, z is re-inferred after every trajectory from a context batch of the task's encoder buffer (the
     prior while that buffer is empty); otherwise z is redrawn from the prior. Paths go to the RL buffer, and to the
@@ -1000,18 +1053,19 @@ def adaptation_returns(env: TaskEnv, task: Task, agent: PEARLAgent, n_steps: int
     """PEARL's evaluation of one task (oyster collect_paths): deterministic trajectories until at least n_steps
     transitions, accumulating the context online. The first n_exploration trajectories use z drawn from the prior
     (a new draw per trajectory); from then on z is drawn from the posterior given all context so far, re-inferred
-    after every trajectory. Returns the undiscounted return of each trajectory; the last is the adapted one."""
+    after every trajectory. Every z is drawn with `rng`. Returns the undiscounted return of each trajectory; the last
+    is the adapted one."""
     env.set_task(task)
-    z, context, returns, steps = agent.encoder.prior(1).sample(), [], [], 0
+    z, context, returns, steps = draw_z(agent.encoder.prior(1), rng), [], [], 0
     while steps < n_steps:
         path = rollout(env, agent.policy, z, deterministic=True, seed=new_seed(rng))
         returns.append(float(path["rewards"].sum()))
         steps += len(path["rewards"])
         context.append(make_context(*(torch.as_tensor(path[k]) for k in ("obs", "actions", "rewards"))))
         if len(returns) >= n_exploration:
-            z = sample_z(agent.encoder.posterior(torch.cat(context).unsqueeze(0)))
+            z = draw_z(agent.encoder.posterior(torch.cat(context).unsqueeze(0)), rng)
         else:
-            z = agent.encoder.prior(1).sample()
+            z = draw_z(agent.encoder.prior(1), rng)
     return returns
 
 
@@ -1029,7 +1083,7 @@ def evaluate(env: TaskEnv, tasks: list, agent: PEARLAgent, runs: int, n_steps: i
     return float(np.mean(final)), [float(np.mean([r[k] for r in online])) for k in range(shortest)]
 
 
-# The run: arguments, checks, saving
+# The run's settings: the collection schedule and the command line
 
 # PEARL's data-collection schedule and evaluation per family (oyster configs/*.json and HypeRL PEARL/configs/*.json):
 # meta_batch, num_steps_prior, num_extra_rl_steps_posterior, num_evals, embedding_batch_size,
@@ -1049,7 +1103,7 @@ FAMILY_SCHEDULES["AntVel"] = FAMILY_SCHEDULES["HalfCheetahVelMedium"] = FAMILY_S
 @dataclass
 class Args:
     # --- experiment ---
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    exp_name: str = "hyper_pearl"
     """the name of this experiment (part of the run name)"""
     seed: int = 0
     """seed of the task pools, the networks, task draws, env resets and action noise (the authors' default 0)"""
@@ -1070,7 +1124,8 @@ class Args:
     save_model: bool = False
     """save the final models to runs/{run_name}/{exp_name}.cleanrl_model"""
     checkpoint_freq: int = 10
-    """write a resumable checkpoint (models, optimizers, buffers, RNGs) every this many iterations and at the end (0 disables)"""
+    """write a resumable checkpoint (models, optimizers, buffers, RNGs) every this many iterations and at the end
+    (0 disables)"""
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue from; pass the same settings as the original run"""
 
@@ -1088,9 +1143,11 @@ class Args:
     num_tasks_sample: int = 5
     """train tasks (drawn with replacement) collected for in every iteration"""
     num_steps_prior: Optional[int] = None
-    """transitions per sampled task with z ~ prior, into both buffers; None: the family's (1000 cheetah fwd-back, else 400)"""
+    """transitions per sampled task with z ~ prior, into both buffers; None: the family's (1000 cheetah fwd-back,
+    else 400)"""
     num_extra_rl_steps_posterior: Optional[int] = None
-    """transitions per sampled task with z ~ posterior, RL buffer only; None: the family's (1000 cheetah fwd-back, else 600)"""
+    """transitions per sampled task with z ~ posterior, RL buffer only; None: the family's (1000 cheetah fwd-back,
+    else 600)"""
     num_train_steps_per_itr: Optional[int] = None
     """gradient steps per iteration; None: the family's (4000 ant fwd-back, else 2000)"""
     meta_batch: Optional[int] = None
@@ -1098,7 +1155,8 @@ class Args:
     batch_size: int = 256
     """RL transitions per task per gradient step"""
     embedding_batch_size: Optional[int] = None
-    """context transitions per task per gradient step and per posterior; None: the family's (256 fwd-back, 100 velocity)"""
+    """context transitions per task per gradient step and per posterior; None: the family's (256 fwd-back,
+    100 velocity)"""
     buffer_size: int = 1_000_000
     """capacity of each task's RL buffer"""
     gamma: float = GAMMA
@@ -1118,7 +1176,8 @@ class Args:
 
     # --- model ---
     model: Literal["mlp", "hyper"] = "hyper"
-    """mlp: PEARL's 3 x 300 MLP policy, Q and V; hyper: Hyper-PEARL's hypernetwork policy (meta z), Q and V (meta state)"""
+    """mlp: PEARL's 3 x 300 MLP policy, Q and V; hyper: Hyper-PEARL's hypernetwork policy (meta z), Q and V
+    (meta state)"""
     policy_lr: Optional[float] = None
     """policy learning rate; None: 3e-4 for mlp, 1e-4 for hyper"""
     qf_lr: Optional[float] = None
@@ -1140,11 +1199,14 @@ class Args:
     hyper_dynamic_hidden: int = DYNAMIC_HIDDEN
     """hidden units of the single hidden layer of the dynamic networks (paper: 256)"""
     hyper_init: Literal["pytorch", "authors"] = "pytorch"
-    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first meta variables, gains 1, output layers as PEARL's (paper Sec. 2); authors: the released code's constants"""
+    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first meta
+    variables, gains 1, output layers as PEARL's (paper Sec. 2); authors: the released code's constants"""
     hyper_embedding_norm: float = HYPER_EMBEDDING_NORM
-    """--hyper-init pytorch: rms norm of the primary networks' embeddings over the first meta variables; sets how far one Adam step moves the generated weights (8: about as far as with the released constants)"""
+    """--hyper-init pytorch: rms norm of the primary networks' embeddings over the first meta variables; sets how far
+    one Adam step moves the generated weights (8: about as far as with the released constants)"""
     hyper_init_samples: int = 1000
-    """--hyper-init pytorch: random-action transitions whose states (Q, V) and latents (policy: half prior, half posteriors of their contexts) calibrate the init"""
+    """--hyper-init pytorch: random-action transitions whose states (Q, V) and latents (policy: half prior, half
+    posteriors of their contexts) calibrate the init"""
 
 
 def schedule(args: Args, name: str) -> int:
@@ -1161,38 +1223,6 @@ def learning_rates(args: Args) -> dict:
             "qf2": args.qf_lr if args.qf_lr is not None else (HYPER_CRITIC_LR if hyper else PEARL_LR),
             "vf": args.vf_lr if args.vf_lr is not None else (HYPER_CRITIC_LR if hyper else PEARL_LR),
             "context": args.context_lr}  # fmt: skip
-
-
-def check_args(args: Args) -> None:
-    positive = ["num_iterations", "num_tasks_sample", "batch_size", "buffer_size", "num_steps_per_eval",
-                "progress_freq", "latent_dim", "net_size", "encoder_hidden", "hyper_embedding_dim",
-                "hyper_dynamic_hidden", "hyper_init_samples", "meta_batch", "embedding_batch_size",
-                "num_train_steps_per_itr", "num_evals", "num_train_tasks", "num_test_tasks"]  # fmt: skip
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ["eval_freq", "checkpoint_freq", "num_threads", "hyper_blocks", "num_initial_steps",
-                 "num_steps_prior", "num_extra_rl_steps_posterior", "num_exp_traj_eval"]:  # fmt: skip
-        value = getattr(args, name)
-        if value is not None and not value >= 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if args.hyper_embedding_dim % 4:
-        fail(f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}")
-    if args.num_initial_steps + schedule(args, "num_steps_prior") + schedule(args, "num_extra_rl_steps_posterior") == 0:
-        fail("--num-initial-steps, --num-steps-prior and --num-extra-rl-steps-posterior are all 0: no data to train on")
-    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
-        fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
-    for name in ["policy_lr", "qf_lr", "vf_lr", "context_lr", "reward_scale"]:
-        value = getattr(args, name)
-        if value is not None and not (value > 0 and np.isfinite(value)):
-            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if not args.kl_lambda >= 0:
-        fail(f"--kl-lambda must be >= 0, got {args.kl_lambda}")
-    if not 0 < args.hyper_embedding_norm < float("inf"):
-        fail(f"--hyper-embedding-norm must be positive and finite, got {args.hyper_embedding_norm}")
-    if args.hyper_init_samples < 2:
-        fail(f"--hyper-init-samples must be at least 2 (half calibrate on prior z, half on posteriors), got {args.hyper_init_samples}")
 
 
 def collect_init_context(family: str, task: Task, n: int, seed: int) -> torch.Tensor:
@@ -1230,11 +1260,14 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, init_context: Optional[to
     init_context, from `collect_init_context`, calibrates --hyper-init pytorch."""
     encoder = ContextEncoder(obs_dim, act_dim, args.latent_dim, args.encoder_hidden)
     if args.model == "mlp":
-        nets = [MLPPolicy(obs_dim, act_dim, args.latent_dim, args.net_size), MLPQ(obs_dim, act_dim, args.latent_dim, args.net_size),
+        nets = [MLPPolicy(obs_dim, act_dim, args.latent_dim, args.net_size),
+                MLPQ(obs_dim, act_dim, args.latent_dim, args.net_size),
                 MLPQ(obs_dim, act_dim, args.latent_dim, args.net_size), MLPV(obs_dim, args.latent_dim, args.net_size),
                 MLPV(obs_dim, args.latent_dim, args.net_size)]  # fmt: skip
         return PEARLAgent(encoder, *nets)
-    sizes = dict(embedding_dim=args.hyper_embedding_dim, blocks=args.hyper_blocks, dynamic_hidden=args.hyper_dynamic_hidden)
+    sizes = dict(
+        embedding_dim=args.hyper_embedding_dim, blocks=args.hyper_blocks, dynamic_hidden=args.hyper_dynamic_hidden
+    )
     policy = HyperPolicy(obs_dim, act_dim, args.latent_dim, **sizes)
     critics = [HyperQ(obs_dim, act_dim, args.latent_dim, **sizes), HyperQ(obs_dim, act_dim, args.latent_dim, **sizes),
                HyperV(obs_dim, args.latent_dim, **sizes), HyperV(obs_dim, args.latent_dim, **sizes)]  # fmt: skip
@@ -1249,31 +1282,388 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, init_context: Optional[to
     return PEARLAgent(encoder, policy, *critics)
 
 
-# Settings that change what a run computes; a resumed run must use the checkpoint's values.
-RESUME_MUST_MATCH = ("env_id", "seed", "torch_deterministic", "num_train_tasks", "num_test_tasks", "num_initial_steps",
-                     "num_tasks_sample", "num_steps_prior", "num_extra_rl_steps_posterior", "num_train_steps_per_itr",
-                     "meta_batch", "batch_size", "embedding_batch_size", "buffer_size", "gamma", "tau", "reward_scale",
-                     "kl_lambda", "model", "policy_lr", "qf_lr", "vf_lr", "context_lr", "latent_dim", "net_size",
-                     "encoder_hidden", "hyper_embedding_dim", "hyper_blocks", "hyper_dynamic_hidden", "hyper_init",
-                     "hyper_embedding_norm", "hyper_init_samples")  # fmt: skip
+# ======================================================================================================================
+# RUN INFRASTRUCTURE: not the algorithm. Argument checks, the run directory, checkpoints and exact resume, the
+# non-finite guard, Ctrl-C, the progress line.
+# ======================================================================================================================
+SCRIPT = "hyper_pearl.py"
+FILE_FORMAT = "hyper_pearl/2"  # checkpoints and models carry it; files of other scripts or versions are refused
 # independent numpy streams: np.random.default_rng([seed, stream]) (the task pools use default_rng(seed) itself)
 TASK_STREAM, SAMPLER_STREAM, REPLAY_STREAM, EVAL_STREAM, INIT_STREAM, DIAGNOSTIC_STREAM = 1, 2, 3, 4, 5, 6
 
 
-def atomic_save(obj, path: str) -> None:
-    """Write to a temporary file, flush it to disk, then rename over `path`: a crash mid-write leaves the
-    previous file intact."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def fail(message: str, code: int = 1) -> None:
+    """One clear error line and a non-zero exit, instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_args(args: Args) -> None:
+    positive = ["num_iterations", "num_tasks_sample", "batch_size", "buffer_size", "num_steps_per_eval",
+                "progress_freq", "latent_dim", "net_size", "encoder_hidden", "hyper_embedding_dim",
+                "hyper_dynamic_hidden", "hyper_init_samples", "meta_batch", "embedding_batch_size",
+                "num_train_steps_per_itr", "num_evals", "num_train_tasks", "num_test_tasks"]  # fmt: skip
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ["seed", "eval_freq", "checkpoint_freq", "num_threads", "hyper_blocks", "num_initial_steps",
+                 "num_steps_prior", "num_extra_rl_steps_posterior", "num_exp_traj_eval"]:  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            fail(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    if args.hyper_embedding_dim % 4:
+        fail(
+            f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}"
+        )
+    if args.num_initial_steps + schedule(args, "num_steps_prior") + schedule(args, "num_extra_rl_steps_posterior") == 0:
+        fail("--num-initial-steps, --num-steps-prior and --num-extra-rl-steps-posterior are all 0: no data to train on")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
+        fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
+    for name in ["policy_lr", "qf_lr", "vf_lr", "context_lr", "reward_scale", "hyper_embedding_norm"]:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.kl_lambda >= 0:
+        fail(f"--kl-lambda must be >= 0, got {args.kl_lambda}")
+    if args.hyper_init_samples < 2:
+        fail(f"--hyper-init-samples must be at least 2 (half calibrate on prior z, half on posteriors), "
+             f"got {args.hyper_init_samples}")  # fmt: skip
+    if not args.exp_name or os.sep in args.exp_name or (os.altsep and os.altsep in args.exp_name):
+        fail(f"--exp-name must be a plain name (it becomes part of a directory name), got {args.exp_name!r}")
+
+
+def check_memory(args: Args, obs_dim: int, act_dim: int) -> None:
+    """Refuse a run whose buffers cannot fit in this machine's memory before collecting anything. Every transition the
+    run collects stays in its task's RL buffer (up to --buffer-size per task), and at most once more in an encoder
+    buffer; collection rounds each request up to whole 200-step trajectories."""
+    velocity = family_spec(args.env_id).goal == "velocity"
+    n_train, n_test = (args.num_train_tasks, args.num_test_tasks) if velocity else (len(DIRECTIONS), len(DIRECTIONS))
+    per_sample = schedule(args, "num_steps_prior") + schedule(args, "num_extra_rl_steps_posterior") + 2 * EPISODE_STEPS
+    collected = (
+        n_train * (args.num_initial_steps + EPISODE_STEPS) + args.num_iterations * args.num_tasks_sample * per_sample
+    )
+    rows = min(collected, n_train * args.buffer_size)
+    needed = 2 * rows * 4 * (2 * obs_dim + act_dim + 2) + (n_train + n_test) * TASK_BYTES
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if memory and needed > memory:
+        fail(f"these sizes need {needed / 2**30:.1f} GiB for the task pools and replay buffers; this machine has "
+             f"{memory / 2**30:.1f} GiB")  # fmt: skip
+
+
+TASK_BYTES = 4096  # about what a task and its two empty buffers cost in Python objects
+
+
+# Settings that may differ between a run and its resumption; every other setting changes what the run computes.
+RESUME_MAY_DIFFER = ("num_iterations", "progress_freq", "checkpoint_freq", "num_threads", "track", "wandb_project_name",
+                     "wandb_entity", "save_model", "resume", "exp_name")  # fmt: skip
+
+
+def check_resume_settings(checkpoint: dict, args: Args) -> None:
+    saved = checkpoint["args"]
+    differing = [f.name for f in dataclasses.fields(args)
+                 if f.name not in RESUME_MAY_DIFFER and saved.get(f.name) != getattr(args, f.name)]  # fmt: skip
+    if differing:
+        listing = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (given {getattr(args, k)})" for k in differing)
+        fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
+    if checkpoint["iteration"] >= args.num_iterations:
+        fail(f"the checkpoint is at iteration {checkpoint['iteration']}; pass --num-iterations above it to continue")
+
+
+class GlobalRNGs:
+    """The global random streams training draws from: Python's, NumPy's legacy one, torch's CPU and CUDA generators."""
+
+    def state_dict(self) -> dict:
+        name, key, pos, has_gauss, cached = np.random.get_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        numpy_state = [name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached]
+        return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state: dict) -> None:
+        name, key, pos, has_gauss, cached = state["numpy"]
+        random.setstate(state["python"])
+        np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RNGStreams:
+    """The run's own numpy streams: `task` (which tasks to collect for and to train on), `sampler` (env reset seeds and
+    the samplers' context draws), `replay` (the gradient steps' replay and context batches) and `eval` (evaluation
+    only, so evaluating changes no training stream)."""
+
+    STREAMS = {"task": TASK_STREAM, "sampler": SAMPLER_STREAM, "replay": REPLAY_STREAM, "eval": EVAL_STREAM}
+
+    def __init__(self, seed: int):
+        for name, stream in self.STREAMS.items():
+            setattr(self, name, np.random.default_rng([seed, stream]))
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).bit_generator.state for name in self.STREAMS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.STREAMS:
+            getattr(self, name).bit_generator.state = state[name]
+
+
+class Progress:
+    """The console line every --progress-freq iterations: iteration, s/it and ETA over the current phase (the first
+    iteration also collects the initial pool, and a resumed run starts a new phase), the last iteration's collection,
+    update and evaluation seconds, env steps/s, the iteration's training return and the latest evaluation."""
+
+    def __init__(self, total_iterations: int, every: int, iteration: int):
+        self.total, self.every, self.last_eval = total_iterations, every, (float("nan"), float("nan"))
+        self.new_phase(iteration)
+
+    def new_phase(self, iteration: int) -> None:
+        self.since_time, self.since_iteration, self.steps = time.time(), iteration, 0
+
+    def end_iteration(self, iteration: int, steps: int, seconds: dict, train_return: float) -> None:
+        self.steps += steps
+        if iteration % self.every and iteration != self.total:
+            return
+        elapsed = max(time.time() - self.since_time, 1e-9)
+        per_iteration = elapsed / max(iteration - self.since_iteration, 1)
+        fields = [f"iteration {iteration}/{self.total}", f"{per_iteration:.1f} s/it",
+                  "last: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items()),
+                  f"{self.steps / elapsed:.0f} env steps/s",
+                  f"ETA {format_duration((self.total - iteration) * per_iteration)}",
+                  f"train return {train_return:.1f}"]  # fmt: skip
+        if np.isfinite(self.last_eval[0]):
+            fields.append(f"eval test {self.last_eval[0]:.1f} train {self.last_eval[1]:.1f}")
+        print(" | ".join(fields), flush=True)
+        self.new_phase(iteration)
+
+    def state_dict(self) -> dict:
+        return {"last_eval": list(self.last_eval)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_eval = tuple(state["last_eval"])
 
 
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+class NonFinite(FloatingPointError):
+    """A loss, an action or, after an optimizer step, a weight is NaN or infinite."""
+
+
+def guarded_step(optimizers: list, loss: torch.Tensor, name: str, losses: dict) -> None:
+    """zero_grad, backward, step, with the run's guard: the named losses must be finite before the step (so a NaN never
+    reaches the weights) and every weight the optimizers own must be finite after it."""
+    for loss_name, value in losses.items():
+        if not torch.isfinite(value).all():
+            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+    if not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
+        raise NonFinite(f"non-finite weights after the {name} step")
+
+
+def content_digest(obj) -> str:
+    """SHA-256 over every tensor's bytes and every plain value of a nested checkpoint, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            digest.update(f"tensor{x.dtype}{tuple(x.shape)}".encode())
+            digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for key in sorted(x, key=repr):
+                digest.update(repr(key).encode())
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__}{len(x)}".encode())
+            for item in x:
+                visit(item)
+        else:
+            digest.update(repr(x).encode())
+
+    visit(obj)
+    return digest.hexdigest()
+
+
+def save_file(contents: dict, path: str, kind: str) -> None:
+    """Write a checkpoint or model: tensors and plain containers only (so it loads with torch.load(weights_only=True)),
+    with its format, kind and a digest of its contents. Written to a temporary file, flushed to disk, then renamed
+    over `path`: a crash or a full disk mid-write leaves the previous file intact."""
+    contents = {**contents, "format": FILE_FORMAT, "kind": kind}
+    contents["sha256"] = content_digest(contents)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(contents, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            fail(f"cannot write {path}: {e.strerror or e}; the previous file there, if any, is intact")
+        raise
+
+
+def load_file(path: str, kinds: tuple) -> dict:
+    """Load a file written by save_file without running any code from it (weights_only), and refuse anything else:
+    another script's or version's file, a corrupted one (its digest differs), or one of another kind."""
+    what = " or ".join(kinds)
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"cannot load {what} {path}: no such file")
+    except Exception as e:  # unpickling errors, foreign pickles, truncated or random bytes: all end the same way
+        fail(f"cannot load {what} {path}: not a checkpoint or model written by {SCRIPT} "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")  # fmt: skip
+    if not isinstance(contents, dict) or contents.get("format") != FILE_FORMAT:
+        fail(f"cannot load {what} {path}: not a checkpoint or model written by this version of {SCRIPT}")
+    digest = contents.pop("sha256", None)
+    if digest != content_digest(contents):
+        fail(f"cannot load {what} {path}: its contents do not match their checksum (the file is corrupted)")
+    if contents["kind"] not in kinds:
+        fail(f"cannot load {path}: it is a {contents['kind']}, expected a {what}")
+    return contents
+
+
+def make_run_dir(args: Args) -> tuple:
+    """A new directory runs/{family}__{exp_name}__{model}__{seed}__{unix time}, suffixed -1, -2, ... when runs started
+    in the same second took the name (mkdir is atomic, so two runs never share one)."""
+    base = f"{args.env_id}__{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"
+    for i in range(1000):
+        run_name = base if i == 0 else f"{base}-{i}"
+        try:
+            os.makedirs(os.path.join("runs", run_name))
+            return run_name, os.path.join("runs", run_name)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            fail(f"cannot create the run directory runs/{run_name}: {e.strerror or e}")
+    fail(f"cannot find a free run directory name for {base}")
+
+
+def save_checkpoint(path, args, run_name, iteration, global_step, learner, rl_buffer, encoder_buffer, rngs, streams,
+                    progress) -> None:  # fmt: skip
+    """Everything a resumed run needs, each part from its object's state_dict. Rollouts reset the env with their own
+    seeds and set its task, so the env carries nothing from one iteration to the next."""
+    objects = {"learner": learner, "rl_buffer": rl_buffer, "encoder_buffer": encoder_buffer, "rngs": rngs,
+               "streams": streams, "progress": progress}  # fmt: skip
+    contents = {"args": vars(args), "run_name": run_name, "iteration": iteration, "global_step": global_step}
+    save_file({**contents, **{name: obj.state_dict() for name, obj in objects.items()}}, path, kind="checkpoint")
+
+
+def restore_checkpoint(checkpoint, learner, rl_buffer, encoder_buffer, rngs, streams, progress) -> tuple:
+    """Puts every object back where the checkpoint left it; returns (iteration, global step)."""
+    try:
+        learner.load_state_dict(checkpoint["learner"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        fail(f"the checkpoint's networks do not fit these settings: {str(e).splitlines()[0][:200]}")
+    rl_buffer.load_state_dict(checkpoint["rl_buffer"])
+    encoder_buffer.load_state_dict(checkpoint["encoder_buffer"])
+    rngs.load_state_dict(checkpoint["rngs"])
+    streams.load_state_dict(checkpoint["streams"])
+    progress.load_state_dict(checkpoint["progress"])
+    progress.new_phase(checkpoint["iteration"])
+    return checkpoint["iteration"], checkpoint["global_step"]
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the run to stop at the end of the current iteration, where its state is consistent and can
+    be checkpointed; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            fail("interrupted twice; stopped without writing a checkpoint", code=130)
+        self.requested = True
+        print("stopping at the end of this iteration (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+def resume_command(checkpoint_path: str) -> str:
+    """This run's command line with --resume pointing at `checkpoint_path`."""
+    flags, skip_next = [], False
+    for arg in sys.argv[1:]:
+        if skip_next or arg.startswith("--resume="):
+            skip_next = False
+            continue
+        if arg == "--resume":
+            skip_next = True
+            continue
+        flags.append(arg)
+    return shlex.join(["python", SCRIPT, *flags, "--resume", checkpoint_path])
+
+
+@contextlib.contextmanager
+def out_of_memory_fails(what: str):
+    """A failed allocation (MemoryError, or torch's RuntimeError) ends the run with one error line."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "alloc" not in str(e):
+            raise
+        fail(f"not enough memory for {what} at these sizes ({type(e).__name__})")
+
+
+def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[int]) -> SummaryWriter:
+    """The TensorBoard writer (mirrored to Weights and Biases with --track), the hyperparameter table first, with the
+    family's schedule and the learning rates in effect. A resumed run purges what the interrupted one logged after its
+    checkpoint."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights and Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
+    writer = SummaryWriter(run_dir, purge_step=resumed_at + 1 if resumed_at is not None else None)
+    effective = {**{name: schedule(args, name) for name in FAMILY_SCHEDULES[args.env_id]},
+                 **{f"{name}_lr": lr for name, lr in learning_rates(args).items()}}  # fmt: skip
+    settings = {**vars(args), **{f"{k} (effective)": v for k, v in effective.items()}}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def trainable_tasks(rl_buffer: MultiTaskBuffer, encoder_buffer: MultiTaskBuffer) -> np.ndarray:
+    """The train tasks with both RL and encoder data, the ones a meta-batch can draw."""
+    tasks = [i for i, buffer in enumerate(rl_buffer.tasks) if buffer.size > 0 and encoder_buffer.tasks[i].size > 0]
+    if not tasks:
+        fail("no train task has both RL and encoder data (is --num-steps-prior 0 with --num-initial-steps 0?)")
+    return np.array(tasks)
+
+
+def checkpoint_due(args: Args, iteration: int) -> bool:
+    return bool(args.checkpoint_freq) and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations)
+
+
+def exit_interrupted(writer: SummaryWriter, iteration: int, checkpoint_path: str) -> None:
+    writer.close()
+    print(f"interrupted at iteration {iteration}; checkpoint written; resume with: {resume_command(checkpoint_path)}",
+          file=sys.stderr)  # fmt: skip
+    sys.exit(130)
+
+
+def exit_non_finite(writer: SummaryWriter, error: NonFinite, iteration: int, checkpoint_path: str) -> None:
+    writer.close()
+    intact = os.path.exists(checkpoint_path)
+    fail(f"{error} in iteration {iteration}; stopping, "
+         + (f"the last checkpoint ({checkpoint_path}) is intact"
+            if intact else "no checkpoint was written"))  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -1281,28 +1671,13 @@ if __name__ == "__main__":
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    checkpoint = load_file(args.resume, kinds=("checkpoint",)) if args.resume else None
+    if checkpoint is not None:
+        check_resume_settings(checkpoint, args)
+    stop = StopRequest()
     meta_batch, train_steps = schedule(args, "meta_batch"), schedule(args, "num_train_steps_per_itr")
     steps_prior, steps_extra = schedule(args, "num_steps_prior"), schedule(args, "num_extra_rl_steps_posterior")
     embedding_batch, num_evals = schedule(args, "embedding_batch_size"), schedule(args, "num_evals")
-    lrs = learning_rates(args)
-
-    checkpoint = None
-    if args.resume:
-        try:
-            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
-            fail(f"cannot load checkpoint {args.resume}: {e}")
-        if not isinstance(checkpoint, dict) or "rl_buffer" not in checkpoint or "agent" not in checkpoint:
-            fail(f"{args.resume} is not a checkpoint written by {os.path.basename(__file__)}")
-        differing = [k for k in RESUME_MUST_MATCH if checkpoint["args"].get(k) != getattr(args, k)]
-        if differing:
-            listing = ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)} (given {getattr(args, k)})" for k in differing)
-            fail(f"the checkpoint was made with different settings: {listing}; pass the same settings to resume")
-        if checkpoint["iteration"] >= args.num_iterations:
-            fail(f"the checkpoint is at iteration {checkpoint['iteration']}; pass --num-iterations above it to continue")
-        run_name = checkpoint["run_name"]
-    else:
-        run_name = f"{args.env_id}__{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1310,170 +1685,116 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    train_tasks, test_tasks = make_task_pool(args.env_id, args.seed, args.num_train_tasks, args.num_test_tasks)
-    env = make_task_env(args.env_id, train_tasks[0])
+    # env setup: one env of the family (every rollout sets its task and resets it with its own seed), the task pools
+    env = make_task_env(args.env_id, Task(1.0))
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    check_memory(args, obs_dim, act_dim)
+    train_tasks, test_tasks = make_task_pool(args.env_id, args.seed, args.num_train_tasks, args.num_test_tasks)
 
     # ALGO LOGIC: initialize agent here
     init_context = None
     if args.model == "hyper" and args.hyper_init == "pytorch":
         init_seed = new_seed(np.random.default_rng([args.seed, INIT_STREAM]))
         init_context = collect_init_context(args.env_id, train_tasks[0], args.hyper_init_samples, init_seed)
-    agent = make_agent(args, obs_dim, act_dim, init_context)
-    parameters = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
-    optimizers = {name: torch.optim.Adam(module.parameters(), lr=lrs[name]) for name, module in parameters.items()}
+    with out_of_memory_fails("the networks"):
+        learner = PEARL(args, make_agent(args, obs_dim, act_dim, init_context))
+    agent = learner.agent
     rl_buffer = MultiTaskBuffer(len(train_tasks), obs_dim, act_dim, args.buffer_size)
     encoder_buffer = MultiTaskBuffer(len(train_tasks), obs_dim, act_dim, args.buffer_size)
-    task_rng = np.random.default_rng([args.seed, TASK_STREAM])  # which tasks to collect for and to train on
-    sampler_rng = np.random.default_rng([args.seed, SAMPLER_STREAM])  # env reset seeds and the samplers' context draws
-    replay_rng = np.random.default_rng([args.seed, REPLAY_STREAM])  # replay and context batches of the gradient steps
-    eval_rng = np.random.default_rng([args.seed, EVAL_STREAM])
-    start_iteration, global_step, last_eval = 0, 0, (float("nan"), float("nan"))
+    rngs, streams, progress = GlobalRNGs(), RNGStreams(args.seed), Progress(args.num_iterations, args.progress_freq, 0)
+
+    start_iteration = global_step = 0
     if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(checkpoint["optimizers"][name])
-        rl_buffer.load_state_dict(checkpoint["rl_buffer"])
-        encoder_buffer.load_state_dict(checkpoint["encoder_buffer"])
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        for rng, key in [(task_rng, "task"), (sampler_rng, "sampler"), (replay_rng, "replay"), (eval_rng, "eval")]:
-            rng.bit_generator.state = checkpoint["rng"][key]
-        start_iteration, global_step, last_eval = checkpoint["iteration"], checkpoint["global_step"], tuple(checkpoint["last_eval"])
+        run_name, run_dir = checkpoint["run_name"], os.path.dirname(os.path.abspath(args.resume))
+        start_iteration, global_step = restore_checkpoint(checkpoint, learner, rl_buffer, encoder_buffer, rngs, streams,
+                                                          progress)  # fmt: skip
         print(f"resumed {run_name} at iteration {start_iteration} from {args.resume}")
-
-    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint is not None else os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    else:
+        run_name, run_dir = make_run_dir(args)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs Weights and Biases: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint is not None else None)
-    effective = {"meta_batch": meta_batch, "num_train_steps_per_itr": train_steps, "num_steps_prior": steps_prior,
-                 "num_extra_rl_steps_posterior": steps_extra, "embedding_batch_size": embedding_batch, "num_evals": num_evals,
-                 **{f"{name}_lr": lr for name, lr in lrs.items()}}  # fmt: skip
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), **{f"{k} (effective)": v for k, v in effective.items()}}.items()))
-    n_params = {name: sum(p.numel() for p in module.parameters()) for name, module in parameters.items()}
-    print(f"{run_name}: {args.model} models (policy {n_params['policy']:,}, Q {n_params['qf1']:,} x 2, V {n_params['vf']:,} "
-          f"parameters), {len(train_tasks)} train / {len(test_tasks)} test tasks, meta-batch {meta_batch}, {train_steps} gradient steps per iteration")  # fmt: skip
+    writer = open_writer(args, run_name, run_dir, resumed_at=global_step if checkpoint is not None else None)
+    n_params = {name: sum(p.numel() for p in getattr(agent, name).parameters()) for name in ("policy", "qf1", "vf")}
+    print(f"{run_name}: {args.model} models (policy {n_params['policy']:,}, Q {n_params['qf1']:,} x 2, V "
+          f"{n_params['vf']:,} parameters), {len(train_tasks)} train / {len(test_tasks)} test tasks, meta-batch "
+          f"{meta_batch}, {train_steps} gradient steps per iteration")  # fmt: skip
 
-    def save_checkpoint(iteration: int) -> None:
-        atomic_save(
-            {
-                "args": vars(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
-                "last_eval": last_eval, "agent": agent.state_dict(),
-                "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-                "rl_buffer": rl_buffer.state_dict(), "encoder_buffer": encoder_buffer.state_dict(),
-                "train_tasks": [task.goal for task in train_tasks], "test_tasks": [task.goal for task in test_tasks],
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "task": task_rng.bit_generator.state, "sampler": sampler_rng.bit_generator.state,
-                        "replay": replay_rng.bit_generator.state, "eval": eval_rng.bit_generator.state},
-            },
-            checkpoint_path,
-        )  # fmt: skip
-
-    def stop(message: str, iteration: int) -> None:
-        """Stop on a non-finite loss before its optimizer step; the last checkpoint stays as it was."""
-        saved = f"the last checkpoint ({checkpoint_path}) is intact" if os.path.exists(checkpoint_path) else "no checkpoint was written"
-        writer.close()
-        fail(f"{message} in iteration {iteration}; stopping, {saved}")
-
-    start_time, interval_start, interval_iteration, interval_steps = time.time(), time.time(), start_iteration, 0
-    for iteration in range(start_iteration + 1, args.num_iterations + 1):
-        iteration_start, paths = time.time(), []
-        # ALGO LOGIC: data collection (oyster rl_algorithm.train)
-        try:
+    iteration = start_iteration
+    try:
+        for iteration in range(start_iteration + 1, args.num_iterations + 1):
+            iteration_start, paths = time.time(), []
+            # ALGO LOGIC: data collection (oyster rl_algorithm.train)
+            collect_for = {"agent": agent, "context_batch": embedding_batch, "rng": streams.sampler}
             if iteration == 1:  # the initial pool: every train task, z ~ prior
-                print(f"collecting the initial pool: {len(train_tasks)} train tasks x {args.num_initial_steps} steps", flush=True)
+                print(f"collecting the initial pool: {len(train_tasks)} x {args.num_initial_steps} steps", flush=True)
                 for index, task in enumerate(train_tasks):
-                    paths += collect(env, task, agent, args.num_initial_steps, rl_buffer.tasks[index], encoder_buffer.tasks[index],
-                                     add_to_encoder=True, use_posterior=False, context_batch=embedding_batch, rng=sampler_rng)  # fmt: skip
-            for index in task_rng.integers(0, len(train_tasks), size=args.num_tasks_sample):
+                    paths += collect(env, task, n_steps=args.num_initial_steps, rl_buffer=rl_buffer.tasks[index],
+                                     encoder_buffer=encoder_buffer.tasks[index], add_to_encoder=True,
+                                     use_posterior=False, **collect_for)  # fmt: skip
+            for index in streams.task.integers(0, len(train_tasks), size=args.num_tasks_sample):
                 encoder_buffer.tasks[index].clear()
                 for n_steps, posterior in [(steps_prior, False), (steps_extra, True)]:
                     if n_steps:
-                        paths += collect(env, train_tasks[index], agent, n_steps, rl_buffer.tasks[index], encoder_buffer.tasks[index],
-                                         add_to_encoder=not posterior, use_posterior=posterior, context_batch=embedding_batch, rng=sampler_rng)  # fmt: skip
-        except FloatingPointError as e:
-            stop(str(e), iteration)
-        steps = sum(len(path["rewards"]) for path in paths)
-        global_step += steps
-        collection_seconds = time.time() - iteration_start
+                        paths += collect(env, train_tasks[index], n_steps=n_steps, rl_buffer=rl_buffer.tasks[index],
+                                         encoder_buffer=encoder_buffer.tasks[index], add_to_encoder=not posterior,
+                                         use_posterior=posterior, **collect_for)  # fmt: skip
+            steps = sum(len(path["rewards"]) for path in paths)
+            global_step += steps
+            collection_seconds = time.time() - iteration_start
 
-        # ALGO LOGIC: gradient steps on meta-batches of train tasks that have data
-        update_start, totals = time.time(), {}
-        trainable = np.array([i for i, buffer in enumerate(rl_buffer.tasks) if buffer.size > 0 and encoder_buffer.tasks[i].size > 0])
-        if len(trainable) == 0:
-            stop("no train task has both RL and encoder data (is --num-steps-prior 0 with --num-initial-steps 0?)", iteration)
-        for _ in range(train_steps):
-            indices = trainable[task_rng.integers(0, len(trainable), size=meta_batch)]
-            context = encoder_buffer.sample_context(indices, embedding_batch, replay_rng)
-            batch = rl_buffer.sample_batch(indices, args.batch_size, replay_rng)
-            try:
-                step_stats = train_step(agent, optimizers, batch, context, args.reward_scale, args.gamma, args.tau, args.kl_lambda)
-            except FloatingPointError as e:
-                stop(str(e), iteration)
-            for key, value in step_stats.items():
-                totals[key] = totals.get(key, 0.0) + value / train_steps
-        update_seconds = time.time() - update_start
-        # the last gradient step's states and contexts; a stream per iteration, so a resumed run logs the same values
-        diagnostic_rng = np.random.default_rng([args.seed, DIAGNOSTIC_STREAM, iteration])
-        diagnostics = saturation_diagnostics(agent, batch, context, diagnostic_rng)
+            # ALGO LOGIC: gradient steps on meta-batches of train tasks that have data
+            update_start, totals, trainable = time.time(), {}, trainable_tasks(rl_buffer, encoder_buffer)
+            for _ in range(train_steps):
+                indices = trainable[streams.task.integers(0, len(trainable), size=meta_batch)]
+                context = encoder_buffer.sample_context(indices, embedding_batch, streams.replay)
+                batch = rl_buffer.sample_batch(indices, args.batch_size, streams.replay)
+                for key, value in learner.update(batch, context).items():
+                    totals[key] = totals.get(key, 0.0) + value / train_steps
+            update_seconds = time.time() - update_start
+            # the last gradient step's states and contexts; a stream per iteration, so a resumed run logs the same
+            diagnostic_rng = np.random.default_rng([args.seed, DIAGNOSTIC_STREAM, iteration])
+            diagnostics = saturation_diagnostics(agent, batch, context, diagnostic_rng)
 
-        eval_start = time.time()
-        if args.eval_freq and (iteration % args.eval_freq == 0 or iteration == args.num_iterations):
-            try:
-                test_return, online = evaluate(env, test_tasks, agent, num_evals, args.num_steps_per_eval, args.num_exp_traj_eval, eval_rng)
-                eval_train_tasks = [train_tasks[i] for i in eval_rng.integers(0, len(train_tasks), size=len(test_tasks))]
-                train_return, _ = evaluate(env, eval_train_tasks, agent, num_evals, args.num_steps_per_eval, args.num_exp_traj_eval, eval_rng)
-            except FloatingPointError as e:
-                stop(f"{e} in the evaluation", iteration)
-            last_eval = (test_return, train_return)
-            writer.add_scalar("eval/average_return_all_test_tasks", test_return, global_step)
-            writer.add_scalar("eval/average_return_all_train_tasks", train_return, global_step)
-            for k, value in enumerate(online):
-                writer.add_scalar(f"eval/test_return_trajectory_{k + 1}", value, global_step)
+            eval_start = time.time()
+            if args.eval_freq and (iteration % args.eval_freq == 0 or iteration == args.num_iterations):
+                eval_args = (agent, num_evals, args.num_steps_per_eval, args.num_exp_traj_eval, streams.eval)
+                test_return, online = evaluate(env, test_tasks, *eval_args)
+                eval_train_tasks = [train_tasks[i] for i in streams.eval.integers(0, len(train_tasks), len(test_tasks))]
+                progress.last_eval = (test_return, evaluate(env, eval_train_tasks, *eval_args)[0])
+                writer.add_scalar("eval/average_return_all_test_tasks", progress.last_eval[0], global_step)
+                writer.add_scalar("eval/average_return_all_train_tasks", progress.last_eval[1], global_step)
+                for k, value in enumerate(online):
+                    writer.add_scalar(f"eval/test_return_trajectory_{k + 1}", value, global_step)
+            eval_seconds = time.time() - eval_start
 
-        eval_seconds = time.time() - eval_start
-
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
-        iteration_seconds = time.time() - iteration_start
-        train_return = float(np.mean([path["rewards"].sum() for path in paths]))
-        writer.add_scalar("charts/episodic_return", train_return, global_step)
-        writer.add_scalar("charts/episodic_length", float(np.mean([len(path["rewards"]) for path in paths])), global_step)
-        writer.add_scalar("charts/iteration", iteration, global_step)
-        for key, value in totals.items():
-            writer.add_scalar(f"losses/{key}", value, global_step)
-        for key, value in diagnostics.items():
-            writer.add_scalar(f"charts/{key}", value, global_step)
-        writer.add_scalar("charts/SPS", int(steps / iteration_seconds), global_step)
-        writer.add_scalar("charts/iteration_seconds", iteration_seconds, global_step)
-        writer.add_scalar("charts/collection_seconds", collection_seconds, global_step)
-        writer.add_scalar("charts/update_seconds", update_seconds, global_step)
-        writer.add_scalar("charts/eval_seconds", eval_seconds, global_step)
-        interval_steps += steps
-        if iteration % args.progress_freq == 0 or iteration == args.num_iterations:
-            now = time.time()
-            seconds_per_iteration = (now - interval_start) / (iteration - interval_iteration)
-            sps = interval_steps / max(now - interval_start, 1e-9)
-            eta = format_duration((args.num_iterations - iteration) * (now - start_time) / (iteration - start_iteration))
-            fields = [f"iteration {iteration}/{args.num_iterations}", f"{seconds_per_iteration:.1f} s/it", f"last: collect {collection_seconds:.1f} s, "
-                      f"update {update_seconds:.1f} s, eval {eval_seconds:.1f} s", f"{sps:.0f} env steps/s",
-                      f"ETA {eta}", f"train return {train_return:.1f}"]  # fmt: skip
-            if np.isfinite(last_eval[0]):
-                fields.append(f"eval test {last_eval[0]:.1f} train {last_eval[1]:.1f}")
-            print(" | ".join(fields), flush=True)
-            interval_start, interval_iteration, interval_steps = now, iteration, 0
-        if args.checkpoint_freq and (iteration % args.checkpoint_freq == 0 or iteration == args.num_iterations):
-            save_checkpoint(iteration)
+            # TRY NOT TO MODIFY: record rewards for plotting purposes
+            iteration_seconds = time.time() - iteration_start
+            train_return = float(np.mean([path["rewards"].sum() for path in paths]))
+            writer.add_scalar("charts/episodic_return", train_return, global_step)
+            episodic_length = float(np.mean([len(path["rewards"]) for path in paths]))
+            writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            writer.add_scalar("charts/iteration", iteration, global_step)
+            for key, value in {**{f"losses/{k}": v for k, v in totals.items()},
+                               **{f"charts/{k}": v for k, v in diagnostics.items()}}.items():  # fmt: skip
+                writer.add_scalar(key, value, global_step)
+            writer.add_scalar("charts/SPS", int(steps / iteration_seconds), global_step)
+            seconds = {"collection": collection_seconds, "update": update_seconds, "eval": eval_seconds}
+            for name, value in {"iteration": iteration_seconds, **seconds}.items():
+                writer.add_scalar(f"charts/{name}_seconds", value, global_step)
+            progress.end_iteration(iteration, steps, seconds, train_return)
+            if iteration == 1:
+                progress.new_phase(iteration)  # from here the rate, and so the ETA, is that of ordinary iterations
+            if stop.requested or checkpoint_due(args, iteration):
+                save_checkpoint(checkpoint_path, args, run_name, iteration, global_step, learner, rl_buffer,
+                                encoder_buffer, rngs, streams, progress)  # fmt: skip
+            if stop.requested:
+                exit_interrupted(writer, iteration, checkpoint_path)
+    except NonFinite as e:
+        exit_non_finite(writer, e, iteration, checkpoint_path)
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        atomic_save({"args": vars(args), "iteration": args.num_iterations, "agent": agent.state_dict()}, model_path)
+        save_file({"args": vars(args), "iteration": args.num_iterations, "agent": agent.state_dict()}, model_path,
+                  kind="model")  # fmt: skip
         print(f"model saved to {model_path}")
     env.close()
     writer.close()

@@ -905,6 +905,8 @@ def test_family_schedules_are_pearls():
 
 # End to end through the CLI
 
+import hyper_pearl  # noqa: E402
+
 SCRIPT = os.path.join(ROOT, "hyper_pearl.py")
 SMALL_RUN = ["--env-id", "HalfCheetahVel", "--num-iterations", "2", "--num-train-tasks", "3", "--num-test-tasks", "2",
              "--num-initial-steps", "200", "--num-steps-prior", "200", "--num-extra-rl-steps-posterior", "200",
@@ -928,6 +930,34 @@ def small_runs(tmp_path_factory):
     return cached_runs(tmp_path_factory, run, SMALL_RUN, "--model")
 
 
+@pytest.fixture(scope="module")
+def longer_runs(tmp_path_factory):
+    """One SMALL_RUN of 3 iterations per model, made on first use: (stdout, run dir)."""
+    return cached_runs(tmp_path_factory, run, [*SMALL_RUN, "--num-iterations", "3"], "--model")
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def save_signed(contents, path):
+    """Save a checkpoint edited by a test with its digest recomputed, as hyper_pearl.py would have written it."""
+    contents = {k: v for k, v in contents.items() if k != "sha256"}
+    torch.save({**contents, "sha256": hyper_pearl.content_digest(contents)}, path)
+
+
+def assert_same_models(run_dir_a, run_dir_b):
+    a = load(os.path.join(run_dir_a, "hyper_pearl.cleanrl_model"))["agent"]
+    b = load(os.path.join(run_dir_b, "hyper_pearl.cleanrl_model"))["agent"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def assert_one_error_line(proc, message, code=1):
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("model", ["mlp", "hyper"])
 def test_cli_run_trains_evaluates_logs_and_saves(model, small_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -942,28 +972,24 @@ def test_cli_run_trains_evaluates_logs_and_saves(model, small_runs):
         assert [e.step for e in events.Scalars(tag)] == [1000, 1400], tag
         assert all(np.isfinite(e.value) for e in events.Scalars(tag)), tag
     assert all(-1500 < e.value < 0 for e in events.Scalars("eval/average_return_all_test_tasks"))
-    model_file = torch.load(os.path.join(run_dir, "hyper_pearl.cleanrl_model"), weights_only=False)
-    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    model_file = load(os.path.join(run_dir, "hyper_pearl.cleanrl_model"))
+    checkpoint = load(os.path.join(run_dir, "checkpoint.pt"))
     assert checkpoint["iteration"] == 2 and checkpoint["global_step"] == 1400
-    assert all(torch.equal(model_file["agent"][k], v) for k, v in checkpoint["agent"].items())
+    assert all(torch.equal(model_file["agent"][k], v) for k, v in checkpoint["learner"]["agent"].items())
     assert sum(buffer["size"] for buffer in checkpoint["rl_buffer"]) == 1400
     assert ("hyper" if model == "hyper" else "mlp") in model_file["args"]["model"]
 
 
-def test_resumed_run_equals_an_uninterrupted_one(small_runs, tmp_path):
+def test_resumed_run_equals_an_uninterrupted_one(small_runs, longer_runs, tmp_path):
     _, run_dir = small_runs("hyper")  # 2 iterations, checkpoint at 2
     shutil.copytree(os.path.dirname(run_dir), tmp_path / "b" / "runs")
-    (tmp_path / "a").mkdir()
     longer = [*SMALL_RUN, "--model", "hyper", "--num-iterations", "3"]
-    run(longer, tmp_path / "a")
     proc = run([*longer, "--resume", os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")], tmp_path / "b")
     assert "resumed" in proc.stdout and "iteration 3/3" in proc.stdout
-    a = torch.load(os.path.join(only_run_dir(tmp_path / "a"), "hyper_pearl.cleanrl_model"), weights_only=False)["agent"]
-    b = torch.load(os.path.join(only_run_dir(tmp_path / "b"), "hyper_pearl.cleanrl_model"), weights_only=False)["agent"]
-    original = torch.load(os.path.join(run_dir, "hyper_pearl.cleanrl_model"), weights_only=False)["agent"]
+    a = load(os.path.join(longer_runs("hyper")[1], "hyper_pearl.cleanrl_model"))["agent"]
+    original = load(os.path.join(run_dir, "hyper_pearl.cleanrl_model"))["agent"]
     assert not all(torch.equal(a[k], original[k]) for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    assert_same_models(longer_runs("hyper")[1], only_run_dir(tmp_path / "b"))
 
 
 def test_resume_refuses_different_settings(small_runs, tmp_path):
@@ -976,10 +1002,10 @@ def test_resume_refuses_different_settings(small_runs, tmp_path):
 
 def test_resume_refuses_a_checkpoint_from_before_a_setting_existed(small_runs, tmp_path):
     _, run_dir = small_runs("hyper")
-    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    checkpoint = load(os.path.join(run_dir, "checkpoint.pt"))
     del checkpoint["args"]["hyper_embedding_norm"]  # as written before the flag existed, with the old default init
     checkpoint["args"]["hyper_init"] = "kaiming"
-    torch.save(checkpoint, tmp_path / "old.pt")
+    save_signed(checkpoint, tmp_path / "old.pt")
     resume = ["--model", "hyper", "--num-iterations", "3", "--resume", str(tmp_path / "old.pt")]
     proc = run([*SMALL_RUN, *resume], tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -992,16 +1018,16 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(small_runs, tmp_
     _, run_dir = small_runs("mlp")
     shutil.copytree(run_dir, tmp_path / "run")
     checkpoint_path = str(tmp_path / "run" / "checkpoint.pt")
-    checkpoint = torch.load(checkpoint_path, weights_only=False)
-    checkpoint["agent"]["qf1.last.bias"][0] = float("nan")
-    torch.save(checkpoint, checkpoint_path)
+    checkpoint = load(checkpoint_path)
+    checkpoint["learner"]["agent"]["qf1.last.bias"][0] = float("nan")
+    save_signed(checkpoint, checkpoint_path)
     proc = run([*SMALL_RUN, "--model", "mlp", "--num-iterations", "4", "--checkpoint-freq", "1", "--resume", checkpoint_path], tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "non-finite Q loss + KL" in errors[0]
     assert errors[0].endswith(f"in iteration 3; stopping, the last checkpoint ({checkpoint_path}) is intact")
-    after = torch.load(checkpoint_path, weights_only=False)
-    assert after["iteration"] == 2 and torch.isnan(after["agent"]["qf1.last.bias"][0])
+    after = load(checkpoint_path)
+    assert after["iteration"] == 2 and torch.isnan(after["learner"]["agent"]["qf1.last.bias"][0])
 
 
 def test_cli_bad_input_fails_cleanly(tmp_path):
@@ -1021,3 +1047,107 @@ def test_help_lists_the_flags(tmp_path):
     for flag in ("--env-id", "--model", "--num-train-steps-per-itr", "--meta-batch", "--reward-scale", "--kl-lambda",
                  "--num-exp-traj-eval", "--resume", "--save-model", "--qf-lr"):  # fmt: skip
         assert flag in proc.stdout
+
+
+# Run infrastructure: safe and verified files, unique run directories, exact resume, evaluation that leaves training
+# alone, the non-finite guard, Ctrl-C, one `error:` line for bad input
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+class _Payload:
+    """Unpickling it would create a marker file: a stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_malicious_checkpoint_runs_nothing_and_gets_one_error_line(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": hyper_pearl.FILE_FORMAT, "learner": _Payload(str(marker))}, tmp_path / "evil.pt")
+    proc = run([*SMALL_RUN, "--resume", "evil.pt"], tmp_path, check=False)
+    assert_one_error_line(proc, "error: cannot load checkpoint evil.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name, message", [("random.pt", "not a checkpoint or model written by hyper_pearl.py"),
+                                           ("foreign.pt", "not a checkpoint or model written by this version"),
+                                           ("corrupted.pt", "the file is corrupted")])  # fmt: skip
+def test_random_bytes_foreign_and_corrupted_checkpoints_are_refused(name, message, small_runs, tmp_path):
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    torch.save({"format": "hyper_sac/2", "args": {}, "agent": {}}, tmp_path / "foreign.pt")  # another script's file
+    contents = load(os.path.join(small_runs("mlp")[1], "checkpoint.pt"))
+    contents["learner"]["agent"]["qf1.last.bias"][0] += 1.0  # one weight changed, the stored digest kept
+    torch.save(contents, tmp_path / "corrupted.pt")
+    proc = run([*SMALL_RUN, "--model", "mlp", "--num-iterations", "3", "--resume", name], tmp_path, check=False)
+    assert_one_error_line(proc, message)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hyper_pearl.time, "time", lambda: 1.7e9)
+    names = [hyper_pearl.make_run_dir(Args(model="mlp"))[0] for _ in range(3)]
+    assert len(set(names)) == 3 and sorted(os.listdir(tmp_path / "runs")) == sorted(names)
+    assert all(name.startswith("HalfCheetahVel__hyper_pearl__mlp__0__1700000000") for name in names)
+
+
+def test_evaluation_does_not_change_training(small_runs, tmp_path):
+    run([*SMALL_RUN, "--model", "mlp", "--eval-freq", "0"], tmp_path)  # small_runs evaluate every iteration
+    assert_same_models(small_runs("mlp")[1], only_run_dir(tmp_path))
+
+
+def test_resume_refuses_a_different_evaluation_setting(small_runs, tmp_path):
+    checkpoint = os.path.join(small_runs("mlp")[1], "checkpoint.pt")
+    resume = ["--model", "mlp", "--num-iterations", "3", "--num-steps-per-eval", "600", "--resume", checkpoint]
+    proc = run([*SMALL_RUN, *resume], tmp_path, check=False)
+    assert_one_error_line(proc, "--num-steps-per-eval 400 (given 600)")
+
+
+def test_the_guard_stops_on_weights_that_a_step_made_non_finite():
+    weight = torch.nn.Parameter(torch.tensor([3.3e38]))
+    optimizer = torch.optim.Adam([weight], lr=3e37)
+    loss = -weight.sum()  # finite, and its step pushes the weight past the largest float32 (3.4e38)
+    with pytest.raises(hyper_pearl.NonFinite, match="non-finite weights after the V and policy step"):
+        hyper_pearl.guarded_step([optimizer], loss, "V and policy", {"V loss": loss})
+    with pytest.raises(hyper_pearl.NonFinite, match="non-finite V loss"):
+        hyper_pearl.guarded_step([optimizer], loss, "V and policy", {"V loss": torch.tensor(float("nan"))})
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(longer_runs, tmp_path):
+    longer = [*SMALL_RUN, "--model", "hyper", "--num-iterations", "3"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--num-threads", "1", *longer, "--checkpoint-freq", "0"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("iteration 1/3"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    checkpoint = os.path.join("runs", os.path.basename(only_run_dir(tmp_path)), "checkpoint.pt")
+    assert last.startswith("interrupted at iteration ") and last.endswith(f"--resume {checkpoint}")
+    assert load(tmp_path / checkpoint)["iteration"] in (1, 2)
+    run([*longer, "--resume", checkpoint], tmp_path)
+    assert_same_models(longer_runs("hyper")[1], only_run_dir(tmp_path))
+
+
+@pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "--seed must be >= 0"),
+                                            (["--kl-lambda", "inf"], "--kl-lambda must be a finite number"),
+                                            (["--exp-name", "a/b"], "--exp-name must be a plain name"),
+                                            (["--num-train-tasks", str(10**12)], "GiB for the task pools and replay buffers"),
+                                            (["--latent-dim", str(10**12)], "not enough memory for the networks")])  # fmt: skip
+def test_more_bad_input_gives_one_error_line(flags, message, tmp_path):
+    proc = run([*SMALL_RUN, "--model", "mlp", *flags], tmp_path, check=False)
+    assert_one_error_line(proc, message)
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_runs_being_a_file_gives_one_error_line(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    proc = run([*SMALL_RUN, "--model", "mlp"], tmp_path, check=False)
+    assert_one_error_line(proc, "cannot create the run directory")
