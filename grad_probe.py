@@ -44,8 +44,11 @@ Logged per critic to TensorBoard (one run directory per critic under runs/{run_n
 (mean over states, Fig. 3d), grad/learnable_states_tau_{0, 0.2, 0.4, 0.6, 0.8} (fraction of probed states with
 CS > tau, Figs. 3b-c), a histogram of the per-state CS, the learning curve (Fig. 4: eval/episodic_return) and
 CleanRL's charts/ and losses/ tags. Every per-state number (observations, actions, returns, critic Q-values and
-gradients, fitted gradients, CS) goes to runs/{run_name}/grad_probe.pt, rewritten after every probe; reload it
-with torch.load(path). --plot draws Fig. 3 (a-d) and Fig. 4 into runs/{run_name}/ (needs matplotlib).
+gradients, fitted gradients, CS) goes to runs/{run_name}/grad_probe.pt, rewritten after every probe; it holds only
+tensors and plain containers, so torch.load(path, weights_only=True) reads it without running code from it.
+--plot draws Fig. 3 (a-d) and Fig. 4 into runs/{run_name}/ (needs matplotlib). Files given to --snapshots and
+--plot-from are loaded the same way and verified (format and SHA-256 digest); anything else is refused. Ctrl-C stops
+at the end of the current step and keeps the results so far (there is no resume).
 
 TD3 and the critics are those of hyper_td3.py (same defaults: batch 100, 1000 random steps, critic lr 5e-5 for
 hypernetwork critics and 3e-4 for the MLP, same hypernetwork init); see that file for the algorithm.
@@ -62,11 +65,15 @@ Where this differs from the authors' gradient test (github keynans/HypeRL, TD3/b
   at the time limit, gradient of the online Q1 at the policy action.
 """
 
+import contextlib
 import copy
+import dataclasses
 import glob
+import hashlib
 import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -89,7 +96,7 @@ TAUS = (0.0, 0.2, 0.4, 0.6, 0.8)
 @dataclass
 class Args:
     # --- experiment ---
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    exp_name: str = "grad_probe"
     """the name of this experiment (part of the run name)"""
     seed: int = 1
     """seed of every critic's run (environment, networks, noise, replay sampling, probe states)"""
@@ -114,7 +121,8 @@ class Args:
     plot_dir: Optional[str] = None
     """where --plot-from writes its PNGs (default: the directory of the first file)"""
     snapshots: tuple[str, ...] = ()
-    """probe saved hyper_td3.py models instead of training: .cleanrl_model files or directories of them (e.g. a run's snapshots/)"""
+    """probe saved models instead of training (hyper_td3.py's or this script's --save-model): .cleanrl_model files
+    or directories of them (e.g. a run's snapshots/)"""
 
     # --- probe (paper Sec. 3) ---
     critics: tuple[ProbeCritic, ...] = ("sa-hyper", "as-hyper", "mlp")
@@ -168,17 +176,13 @@ class Args:
     hyper_dynamic_hidden: int = 256
     """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
     hyper_init: Literal["pytorch", "authors"] = "pytorch"
-    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first states, gains 1 (paper Sec. 2); authors: the released TD3 code's constants"""
+    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first
+    states, gains 1 (paper Sec. 2); authors: the released TD3 code's constants"""
     hyper_embedding_norm: float = 8.0
-    """--hyper-init pytorch: rms norm of the primary network's embedding over the first states; sets how far one Adam step moves the generated weights (8: as far as with the released constants)"""
+    """--hyper-init pytorch: rms norm of the primary network's embedding over the first states; sets how far one
+    Adam step moves the generated weights (8: as far as with the released constants)"""
     hyper_init_samples: int = 1000
     """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init pytorch"""
-
-
-def fail(message: str) -> None:
-    """One clear error line and a non-zero exit, instead of a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def make_env(env_id: str) -> gym.Env:
@@ -192,7 +196,9 @@ def make_env(env_id: str) -> gym.Env:
         fail(f"{env_id} must have a flat Box observation space, got {env.observation_space}")
     if not np.all(np.isfinite(env.action_space.low)) or not np.all(np.isfinite(env.action_space.high)):
         fail(f"{env_id} has an unbounded action space; a tanh actor needs finite bounds")
-    if not (hasattr(env.unwrapped, "model") and hasattr(env.unwrapped, "data")) and not hasattr(env.unwrapped, "set_sim_state"):
+    if not (hasattr(env.unwrapped, "model") and hasattr(env.unwrapped, "data")) and not hasattr(
+        env.unwrapped, "set_sim_state"
+    ):
         fail(f"{env_id} is not a MuJoCo environment: the probe needs to save and restore the simulator state")
     if env.spec is None or env.spec.max_episode_steps is None:
         fail(f"{env_id} has no time limit (max_episode_steps); the probe's rollouts need one")
@@ -258,7 +264,8 @@ class PrimaryNetwork(nn.Module):
 
 
 class DynamicLayerHeads(nn.Module):
-    """Three parallel linear heads of the embedding: one dynamic layer's weight W(z) (out x in), bias b(z), gain g(z)."""
+    """Three parallel linear heads of the embedding: one dynamic layer's weight W(z) (out x in), bias b(z) and
+    gain g(z)."""
 
     def __init__(self, embedding_dim: int, fan_in: int, fan_out: int):
         super().__init__()
@@ -291,7 +298,10 @@ class HyperCritic(nn.Module):
         meta_dim, base_dim = (obs_dim, act_dim) if meta_is_state else (act_dim, obs_dim)
         self.primary = PrimaryNetwork(meta_dim, embedding_dim, blocks)
         self.heads = nn.ModuleList(
-            [DynamicLayerHeads(embedding_dim, base_dim, dynamic_hidden), DynamicLayerHeads(embedding_dim, dynamic_hidden, 1)]
+            [
+                DynamicLayerHeads(embedding_dim, base_dim, dynamic_hidden),
+                DynamicLayerHeads(embedding_dim, dynamic_hidden, 1),
+            ]
         )
 
     def dynamic_weights(self, meta):
@@ -314,7 +324,9 @@ def q_at_actions(qf: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> tor
     return qf(obs.repeat_interleave(n_actions, 0), flat_actions).view(n_states, n_actions)
 
 
-def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0) -> None:
+def init_hypernetwork(
+    critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0
+) -> None:
     """pytorch (default; derivation in hyper_td3.py): the generated weights and biases have, on average over
     `meta_samples`, the statistics of PyTorch's default nn.Linear init U(+-1/sqrt(n)), and every gain starts at 1.
     Primary layers keep PyTorch's default init, with the last stage rescaled (projection and its biases, exact for a
@@ -352,7 +364,8 @@ def init_hypernetwork(critic: HyperCritic, scheme: str, meta_samples: torch.Tens
 
 
 class MLPCritic(nn.Module):
-    """concat(s, a) -> 2x256 MLP -> Q (MLP-Standard). Its grad_a Q depends on s only through the ReLU pattern (eq. 13)."""
+    """concat(s, a) -> 2x256 MLP -> Q (MLP-Standard). Its grad_a Q depends on s only through the ReLU pattern
+    (eq. 13)."""
 
     def __init__(self, obs_dim, act_dim, hidden=(256, 256)):
         super().__init__()
@@ -366,12 +379,21 @@ class MLPCritic(nn.Module):
         return self.net(torch.cat([obs, act], 1))
 
 
-def make_critic(critic: str, config: dict, obs_dim: int, act_dim: int, meta_samples: Optional[torch.Tensor] = None) -> nn.Module:
+def make_critic(
+    critic: str, config: dict, obs_dim: int, act_dim: int, meta_samples: Optional[torch.Tensor] = None
+) -> nn.Module:
     """One Q-network; `config` holds the hyper_* size and init settings (an Args as a dict, or a saved run's args)."""
     if critic == "mlp":
         return MLPCritic(obs_dim, act_dim)
     meta_is_state = critic == "sa-hyper"
-    q = HyperCritic(obs_dim, act_dim, meta_is_state, config["hyper_embedding_dim"], config["hyper_blocks"], config["hyper_dynamic_hidden"])
+    q = HyperCritic(
+        obs_dim,
+        act_dim,
+        meta_is_state,
+        config["hyper_embedding_dim"],
+        config["hyper_blocks"],
+        config["hyper_dynamic_hidden"],
+    )
     if meta_samples is None:
         meta_samples = torch.randn(256, obs_dim if meta_is_state else act_dim)
     init_hypernetwork(q, config["hyper_init"], meta_samples, config.get("hyper_embedding_norm", 8.0))
@@ -449,7 +471,9 @@ def learnable_fraction(cos: torch.Tensor, taus) -> list:
     return [float((cos > tau).double().mean()) for tau in taus]
 
 
-def sample_probe_states(envs, actor: Actor, rng: np.random.Generator, n: int, max_start_steps: int, max_episode_steps: int, device):
+def sample_probe_states(
+    envs, actor: Actor, rng: np.random.Generator, n: int, max_start_steps: int, max_episode_steps: int, device
+):
     """n simulator snapshots reached by the deterministic policy: envs[i] resets (seeded from rng) and runs pi for
     U{0..max_start_steps-1} steps, resetting when an episode ends. All n run in lockstep (one actor call per step).
     Returns the snapshots, their observations, each one's steps since its episode began, and the steps taken."""
@@ -468,8 +492,8 @@ def sample_probe_states(envs, actor: Actor, rng: np.random.Generator, n: int, ma
     return [get_sim_state(envs[i]) for i in range(n)], obs.astype(np.float32), episode_steps, int(targets.sum())
 
 
-def rollout_returns(envs, snapshot, first_actions: np.ndarray, actor: Actor, qf1_target: nn.Module, qf2_target: nn.Module,
-                    horizon: int, action_repeat: int, gamma: float, device):  # fmt: skip
+def rollout_returns(envs, snapshot, first_actions: np.ndarray, actor: Actor, qf1_target: nn.Module,
+                    qf2_target: nn.Module, horizon: int, action_repeat: int, gamma: float, device):  # fmt: skip
     """Discounted return of each first action from one snapshot: envs[j] restores it, applies first_actions[j] for
     action_repeat steps, then follows pi; rollouts end at termination (no bootstrap) or after `horizon` steps,
     where gamma^horizon min(Q1', Q2')(s, pi(s)) is added. Returns (returns, environment steps taken)."""
@@ -495,7 +519,9 @@ def rollout_returns(envs, snapshot, first_actions: np.ndarray, actor: Actor, qf1
     return returns, steps
 
 
-def run_probe(envs, actor, qf1, qf1_target, qf2_target, args, rng: np.random.Generator, max_episode_steps: int, device) -> dict:
+def run_probe(
+    envs, actor, qf1, qf1_target, qf2_target, args, rng: np.random.Generator, max_episode_steps: int, device
+) -> dict:
     """One probe of the current agent: args.probe_states states x args.probe_actions actions. Returns a dict of
     per-state tensors (see the module docstring) and the cost in environment steps and seconds."""
     start = time.time()
@@ -507,15 +533,29 @@ def run_probe(envs, actor, qf1, qf1_target, qf2_target, args, rng: np.random.Gen
     obs_t = torch.as_tensor(obs, device=device)
     with torch.no_grad():
         policy_action = actor(obs_t)
-    noise = torch.as_tensor(rng.normal(0.0, args.probe_sigma, size=(args.probe_states, args.probe_actions, policy_action.shape[1])), dtype=torch.float32, device=device)
+    noise = torch.as_tensor(
+        rng.normal(0.0, args.probe_sigma, size=(args.probe_states, args.probe_actions, policy_action.shape[1])),
+        dtype=torch.float32,
+        device=device,
+    )
     noise[:, 0] = 0.0  # the first action of every state is the policy's own
     actions = torch.max(torch.min(policy_action[:, None] + noise * actor.action_scale, high), low)
     returns = np.zeros((args.probe_states, args.probe_actions))
     for i, snapshot in enumerate(snapshots):
         horizon = max_episode_steps - int(episode_steps[i])
+        first_actions = actions[i].cpu().numpy()
         returns[i], steps = rollout_returns(
-            envs, snapshot, actions[i].cpu().numpy(), actor, qf1_target, qf2_target, horizon, args.action_repeat, args.gamma, device
-        )  # fmt: skip
+            envs,
+            snapshot,
+            first_actions,
+            actor,
+            qf1_target,
+            qf2_target,
+            horizon,
+            args.action_repeat,
+            args.gamma,
+            device,
+        )
         env_steps += steps
     returns_t = torch.as_tensor(returns, dtype=torch.float32, device=device)
     true_grad = least_squares_gradient(actions - policy_action[:, None], returns_t)
@@ -524,9 +564,9 @@ def run_probe(envs, actor, qf1, qf1_target, qf2_target, args, rng: np.random.Gen
         q_values = q_at_actions(qf1, obs_t, actions)
     cos = cosine_similarity(critic_grad, true_grad)
     return {
-        "obs": obs_t.cpu(), "episode_steps": torch.as_tensor(episode_steps), "actions": actions.cpu(), "returns": returns_t.cpu(),
-        "q_values": q_values.cpu(), "critic_grad": critic_grad.cpu(), "true_grad": true_grad.cpu(), "cos": cos.float().cpu(),
-        "env_steps": env_steps, "seconds": time.time() - start,
+        "obs": obs_t.cpu(), "episode_steps": torch.as_tensor(episode_steps), "actions": actions.cpu(),
+        "returns": returns_t.cpu(), "q_values": q_values.cpu(), "critic_grad": critic_grad.cpu(),
+        "true_grad": true_grad.cpu(), "cos": cos.float().cpu(), "env_steps": env_steps, "seconds": time.time() - start,
     }  # fmt: skip
 
 
@@ -550,28 +590,128 @@ def log_probe(writer: SummaryWriter, probe: dict, step: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# TD3 (hyper_td3.py, without checkpoints).
+# ALGO LOGIC: TD3 (hyper_td3.py, without checkpoints).
+def smoothed_target_action(target_actor: Actor, next_obs, policy_noise: float, noise_clip: float):
+    """Target policy smoothing (TD3 paper Sec. 5.3, eq. 15): a' = clip(pi'(s') + clip(eps, -c, c), low, high) with
+    eps ~ N(0, sigma^2), sigma and c in units of each dimension's action scale, each dimension clipped to its bounds."""
+    action = target_actor(next_obs)
+    noise = (torch.randn_like(action) * policy_noise).clamp(-noise_clip, noise_clip) * target_actor.action_scale
+    low, high = (
+        target_actor.action_bias - target_actor.action_scale,
+        target_actor.action_bias + target_actor.action_scale,
+    )
+    return torch.max(torch.min(action + noise, high), low)
+
+
+def td3_target(rewards, terminations, next_q1, next_q2, gamma):
+    """Clipped double-Q target (TD3 paper eq. 10): y = r + gamma * (1 - terminated) * min(Q1', Q2')(s', a')."""
+    return rewards + gamma * (1.0 - terminations) * torch.min(next_q1, next_q2)
+
+
+def td3_actor_loss(actor: Actor, qf1: nn.Module, obs):
+    """-Q1(s, pi(s)).mean(): the deterministic policy gradient through the first critic only (TD3 paper Alg. 1)."""
+    pi = actor(obs)
+    with frozen(qf1):
+        return -qf1(obs, pi).mean()
+
+
+def exploration_action(action: np.ndarray, noise_std: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """a + N(0, noise_std^2), independently per dimension, clipped to the bounds (TD3 paper Sec. 6.1)."""
+    return np.clip(action + np.random.normal(0.0, noise_std), low, high).astype(np.float32)
+
+
+@torch.no_grad()
+def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
+    """target <- tau * online + (1 - tau) * target, in one fused op over all parameters."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+
+def critic_lr(args: Args, critic_name: str) -> float:
+    """The paper's tuned 5e-5 for hypernetwork critics, 3e-4 for the MLP, unless --q-lr is given."""
+    return args.q_lr if args.q_lr is not None else (5e-5 if critic_name in HYPER_CRITICS else 3e-4)
+
+
+class TD3:
+    """The learner: deterministic actor, twin critics, target copies of all three, their Adam optimizers, and the
+    count of critic updates that times the delayed actor updates. `update` is one TD3 update (TD3 paper, Alg. 1)."""
+
+    NETS = ("actor", "qf1", "qf2", "actor_target", "qf1_target", "qf2_target")
+
+    def __init__(self, args: Args, critic_name: str, obs_dim: int, act_dim: int, action_low, action_high,
+                 meta_samples, device):  # fmt: skip
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, action_low, action_high).to(device)
+        self.qf1 = make_critic(critic_name, vars(args), obs_dim, act_dim, meta_samples).to(device)
+        self.qf2 = make_critic(critic_name, vars(args), obs_dim, act_dim, meta_samples).to(device)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.qf1_target = copy.deepcopy(self.qf1).requires_grad_(False)
+        self.qf2_target = copy.deepcopy(self.qf2).requires_grad_(False)
+        self.q_optimizer = optim.Adam([*self.qf1.parameters(), *self.qf2.parameters()], lr=critic_lr(args, critic_name))
+        self.actor_optimizer = optim.Adam(self.actor.parameters(), lr=args.policy_lr)
+        self.critic_updates, self.last_actor_loss = 0, None  # the policy delay counts critic updates
+
+    def update(self, obs, actions, rewards, next_obs, terminations) -> dict:
+        """A critic step on one minibatch; every --policy-frequency critic steps also an actor step and the target
+        updates. Returns the losses and values for logging (actor_loss: the latest actor step's)."""
+        args = self.args
+        with torch.no_grad():
+            next_actions = smoothed_target_action(self.actor_target, next_obs, args.policy_noise, args.noise_clip)
+            next_q1, next_q2 = self.qf1_target(next_obs, next_actions), self.qf2_target(next_obs, next_actions)
+            target = td3_target(rewards, terminations, next_q1, next_q2, args.gamma)
+        qf1_values, qf2_values = self.qf1(obs, actions), self.qf2(obs, actions)
+        qf1_loss, qf2_loss = F.mse_loss(qf1_values, target), F.mse_loss(qf2_values, target)
+        guarded_step(self.q_optimizer, qf1_loss + qf2_loss, "critic", qf1_loss=qf1_loss, qf2_loss=qf2_loss)
+        self.critic_updates += 1
+
+        if self.critic_updates % args.policy_frequency == 0:  # delayed actor and target updates (TD3 paper Sec. 5.2)
+            actor_loss = td3_actor_loss(self.actor, self.qf1, obs)
+            guarded_step(self.actor_optimizer, actor_loss, "actor", actor_loss=actor_loss)
+            self.last_actor_loss = actor_loss.item()
+            polyak_update(self.actor, self.actor_target, args.tau)
+            polyak_update(self.qf1, self.qf1_target, args.tau)
+            polyak_update(self.qf2, self.qf2_target, args.tau)
+
+        metrics = {"qf1_values": qf1_values.mean(), "qf2_values": qf2_values.mean(), "qf1_loss": qf1_loss,
+                   "qf2_loss": qf2_loss, "qf_loss": (qf1_loss + qf2_loss) / 2.0}  # fmt: skip
+        if self.last_actor_loss is not None:
+            metrics["actor_loss"] = torch.tensor(self.last_actor_loss)
+        return metrics
+
+    def models(self) -> dict:
+        """Actor, critics and their targets: what a saved model holds, enough to probe it again."""
+        return {name: getattr(self, name).state_dict() for name in self.NETS}
+
+
 class ReplayBuffer:
     """Uniform replay of (s, a, r, s', terminated) in numpy with its own RNG."""
 
     def __init__(self, capacity, obs_dim, act_dim, seed):
-        self.data = {k: np.zeros((capacity, d), dtype=np.float32) for k, d in (("obs", obs_dim), ("actions", act_dim), ("rewards", 1), ("next_obs", obs_dim), ("terminations", 1))}
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros((capacity, act_dim), dtype=np.float32)
+        self.rewards = np.zeros((capacity, 1), dtype=np.float32)
+        self.terminations = np.zeros((capacity, 1), dtype=np.float32)
         self.capacity, self.pos, self.size = capacity, 0, 0
         self.rng = np.random.default_rng(seed)
 
     def add(self, obs, next_obs, action, reward, terminated):
-        for k, v in (("obs", obs), ("next_obs", next_obs), ("actions", action), ("rewards", reward), ("terminations", float(terminated))):
-            self.data[k][self.pos] = v
+        i = self.pos
+        self.obs[i], self.next_obs[i], self.actions[i] = obs, next_obs, action
+        self.rewards[i], self.terminations[i] = reward, float(terminated)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size, device):
         idx = self.rng.integers(0, self.size, size=batch_size)
-        return [torch.as_tensor(self.data[k][idx], device=device) for k in ("obs", "actions", "rewards", "next_obs", "terminations")]
+        return [
+            torch.as_tensor(a[idx], device=device)
+            for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminations)
+        ]
 
 
 def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device) -> list:
-    """Undiscounted returns of the deterministic actor on an env reseeded with `seed` at every call."""
+    """Undiscounted returns of the deterministic actor on an env reseeded with `seed` at every call; no random number
+    is drawn, so evaluating does not change training."""
     returns = []
     obs, _ = env.reset(seed=seed)
     while len(returns) < episodes:
@@ -604,7 +744,7 @@ def collect_meta_samples(critic: str, env_id: str, n: int, seed: int) -> torch.T
     return torch.as_tensor(np.array(states), dtype=torch.float32)
 
 
-def train_and_probe(args: Args, critic_name: str, run_dir: str, results: dict, save_results, device) -> None:
+def train_and_probe(args: Args, critic_name: str, run_dir: str, results: dict, stop: "StopRequest", device) -> None:
     """One TD3 run with `critic_name`, probing every args.probe_freq steps. The probe uses its own envs and RNG,
     so a run with probes trains exactly as one without."""
     random.seed(args.seed)
@@ -617,157 +757,93 @@ def train_and_probe(args: Args, critic_name: str, run_dir: str, results: dict, s
     action_low, action_high = env.action_space.low, env.action_space.high
     exploration_std = args.exploration_noise * (action_high - action_low) / 2.0
     env.action_space.seed(args.seed)
-    q_lr = args.q_lr if args.q_lr is not None else (5e-5 if critic_name in HYPER_CRITICS else 3e-4)
 
     meta_samples = None
     if critic_name in HYPER_CRITICS and args.hyper_init == "pytorch":
         meta_samples = collect_meta_samples(critic_name, args.env_id, args.hyper_init_samples, args.seed + 200)
-    config = vars(args)
-    actor = Actor(obs_dim, act_dim, action_low, action_high).to(device)
-    qf1 = make_critic(critic_name, config, obs_dim, act_dim, meta_samples).to(device)
-    qf2 = make_critic(critic_name, config, obs_dim, act_dim, meta_samples).to(device)
-    actor_target, qf1_target, qf2_target = copy.deepcopy(actor), copy.deepcopy(qf1), copy.deepcopy(qf2)
-    for target in (actor_target, qf1_target, qf2_target):
-        target.requires_grad_(False)
-    q_optimizer = optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=q_lr)
-    actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr)
-    rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, args.seed)
-    low_t, high_t = actor.action_bias - actor.action_scale, actor.action_bias + actor.action_scale
-
-    writer = SummaryWriter(os.path.join(run_dir, critic_name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "critic": critic_name, "q_lr (effective)": q_lr}.items()))
-    print(f"{critic_name}: {sum(p.numel() for p in qf1.parameters()):,} parameters per Q-network, q_lr {q_lr:g}, device {device}")
-
-    def check_finite(name: str, loss: torch.Tensor, step: int) -> None:
-        """Stop before a NaN/inf loss reaches the weights; the probes written so far stay in the results file."""
-        if not torch.isfinite(loss):
-            writer.close()
-            fail(f"{critic_name}: non-finite {name} ({loss.item()}) at step {step}; the results of earlier probes are in {results['path']}")
+    with out_of_memory_fails("the networks and the replay buffer"):
+        agent = TD3(args, critic_name, obs_dim, act_dim, action_low, action_high, meta_samples, device)
+        rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, args.seed)
+    writer = open_writer(args, run_dir, critic_name)
+    n_params = sum(p.numel() for p in agent.qf1.parameters())
+    print(
+        f"{critic_name}: {n_params:,} parameters per Q-network, q_lr {critic_lr(args, critic_name):g}, device {device}"
+    )
 
     obs, _ = env.reset(seed=args.seed)
-    episodic_return, episodic_length, last_return, last_eval, last_cos = 0.0, 0, float("nan"), float("nan"), float("nan")
-    critic_updates, qf1_loss = 0, None
-    start_time = interval_start = time.time()
-    interval_step, probe_seconds = 0, 0.0
-    for global_step in range(1, args.total_timesteps + 1):
-        if global_step <= args.learning_starts:
-            action = env.action_space.sample()
-        else:
-            action = policy_actions(actor, obs[None], device)[0]
-            action = np.clip(action + np.random.normal(0.0, exploration_std), action_low, action_high).astype(np.float32)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        episodic_return += float(reward)
-        episodic_length += 1
-        rb.add(obs, next_obs, action, reward, terminated)  # true final obs even on truncation: no autoreset
-        obs = next_obs
-        if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-            writer.add_scalar("charts/episodic_length", episodic_length, global_step)
-            last_return, episodic_return, episodic_length = episodic_return, 0.0, 0
-            obs, _ = env.reset()
+    episodic_return, episodic_length, probe_seconds = 0.0, 0, 0.0
+    progress = Progress(critic_name, args.total_timesteps, 0)
+    start_time, global_step = time.time(), 0
+    try:
+        for global_step in range(1, args.total_timesteps + 1):
+            if global_step <= args.learning_starts:
+                action = env.action_space.sample()
+            else:
+                action = exploration_action(policy_actions(agent.actor, obs[None], device)[0], exploration_std,
+                                            action_low, action_high)  # fmt: skip
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            episodic_return += float(reward)
+            episodic_length += 1
+            rb.add(obs, next_obs, action, reward, terminated)  # true final obs even on truncation: no autoreset
+            obs = next_obs
+            if terminated or truncated:
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+                progress.last_return, episodic_return, episodic_length = episodic_return, 0.0, 0
+                obs, _ = env.reset()
 
-        if global_step > args.learning_starts:
-            b_obs, b_actions, b_rewards, b_next_obs, b_terminations = rb.sample(args.batch_size, device)
-            with torch.no_grad():  # clipped double-Q target at a smoothed target action (TD3 eqs. 10, 15)
-                next_actions = actor_target(b_next_obs)
-                noise = (torch.randn_like(next_actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-                next_actions = torch.max(torch.min(next_actions + noise * actor_target.action_scale, high_t), low_t)
-                next_q = torch.min(qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions))
-                target = b_rewards + args.gamma * (1.0 - b_terminations) * next_q
-            qf1_values = qf1(b_obs, b_actions)
-            qf1_loss, qf2_loss = F.mse_loss(qf1_values, target), F.mse_loss(qf2(b_obs, b_actions), target)
-            check_finite("critic loss", qf1_loss + qf2_loss, global_step)
-            q_optimizer.zero_grad()
-            (qf1_loss + qf2_loss).backward()
-            q_optimizer.step()
-            critic_updates += 1
-            if critic_updates % args.policy_frequency == 0:  # delayed actor and target updates, actor through Q1
-                pi = actor(b_obs)
-                with frozen(qf1):
-                    actor_loss = -qf1(b_obs, pi).mean()
-                actor_optimizer.zero_grad()
-                check_finite("actor loss", actor_loss, global_step)
-                actor_loss.backward()
-                actor_optimizer.step()
-                with torch.no_grad():
-                    for online, tgt in ((actor, actor_target), (qf1, qf1_target), (qf2, qf2_target)):
-                        torch._foreach_lerp_(list(tgt.parameters()), list(online.parameters()), args.tau)
+            if global_step > args.learning_starts:
+                metrics = agent.update(*rb.sample(args.batch_size, device))
+                if global_step % 100 == 0:
+                    for name, value in metrics.items():
+                        writer.add_scalar(f"losses/{name}", value.item(), global_step)
+
+            if args.probe_freq and global_step % args.probe_freq == 0:
+                rng = np.random.default_rng([args.seed, global_step])
+                probe = run_probe(probe_envs, agent.actor, agent.qf1, agent.qf1_target, agent.qf2_target, args, rng,
+                                  max_episode_steps, device)  # fmt: skip
+                probe_seconds += probe["seconds"]
+                log_probe(writer, probe, global_step)
+                results["probes"].append({"critic": critic_name, "step": global_step, **probe})
+                save_results(results)
+                progress.last_cos = mean_cosine(probe["cos"])
+            if args.eval_freq and global_step % args.eval_freq == 0:
+                returns = evaluate(agent.actor, eval_env, args.eval_episodes, args.seed + 100, device)
+                progress.last_eval = float(np.mean(returns))
+                writer.add_scalar("eval/episodic_return", progress.last_eval, global_step)
+                results["evals"].append({"critic": critic_name, "step": global_step, "return": progress.last_eval})
+                save_results(results)
             if global_step % 100 == 0:
-                writer.add_scalar("losses/qf1_values", qf1_values.mean().item(), global_step)
-                writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
-                writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-                writer.add_scalar("losses/qf_loss", (qf1_loss.item() + qf2_loss.item()) / 2.0, global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            if global_step % args.progress_freq == 0 or global_step == args.total_timesteps:
+                progress.print(global_step)
+            if global_step == args.learning_starts:
+                progress.new_phase(global_step)  # from here the rate, and so the ETA, is that of learning steps
+            if stop.requested:
+                exit_interrupted(writer, args, critic_name, global_step, results)
+    except NonFinite as e:
+        exit_non_finite(writer, e, critic_name, global_step, results)
 
-        if args.probe_freq and global_step % args.probe_freq == 0:
-            probe = run_probe(probe_envs, actor, qf1, qf1_target, qf2_target, args, np.random.default_rng([args.seed, global_step]), max_episode_steps, device)
-            probe_seconds += probe["seconds"]
-            log_probe(writer, probe, global_step)
-            results["probes"].append({"critic": critic_name, "step": global_step, **probe})
-            save_results()
-            last_cos = mean_cosine(probe["cos"])
-        if args.eval_freq and global_step % args.eval_freq == 0:
-            last_eval = float(np.mean(evaluate(actor, eval_env, args.eval_episodes, args.seed + 100, device)))
-            writer.add_scalar("eval/episodic_return", last_eval, global_step)
-            results["evals"].append({"critic": critic_name, "step": global_step, "return": last_eval})
-            save_results()
-        if global_step % 100 == 0:
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
-        if global_step % args.progress_freq == 0 or global_step == args.total_timesteps:
-            now = time.time()
-            sps = (global_step - interval_step) / max(now - interval_start, 1e-9)
-            interval_start, interval_step = now, global_step
-            eta = format_duration((args.total_timesteps - global_step) / max(sps, 1e-9))
-            fields = [f"{critic_name} step {global_step}/{args.total_timesteps}", f"{sps:.1f} steps/s", f"ETA {eta}"]
-            fields += [f"{name} {value:.{digits}f}" for name, value, digits in (("return", last_return, 1), ("eval", last_eval, 1), ("CS", last_cos, 3)) if np.isfinite(value)]
-            print(" | ".join(fields), flush=True)
-
-    print(f"{critic_name}: {args.total_timesteps} steps in {format_duration(time.time() - start_time)}, of which probes {format_duration(probe_seconds)}")
+    elapsed = format_duration(time.time() - start_time)
+    print(f"{critic_name}: {args.total_timesteps} steps in {elapsed}, of which probes {format_duration(probe_seconds)}")
     if args.save_model:
         path = os.path.join(run_dir, critic_name, f"{args.exp_name}.cleanrl_model")
-        atomic_save({"args": {**vars(args), "critic": critic_name}, "global_step": args.total_timesteps,
-                     "actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(), "actor_target": actor_target.state_dict(),
-                     "qf1_target": qf1_target.state_dict(), "qf2_target": qf2_target.state_dict()}, path)  # fmt: skip
-        print(f"model saved to {path}; probe it again with: python {os.path.basename(__file__)} --snapshots {path}")
+        save_models(path, {**vars(args), "critic": critic_name}, args.total_timesteps, agent)
+        print(f"model saved to {path}; probe it again with: python {SCRIPT} --snapshots {path}")
     for e in (env, eval_env, *probe_envs):
         e.close()
     writer.close()
 
 
-def snapshot_files(paths) -> list:
-    """Expand directories into their *.cleanrl_model files; order by the step number in the name."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = glob.glob(os.path.join(path, "*.cleanrl_model"))
-            if not found:
-                fail(f"{path} holds no .cleanrl_model files")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            fail(f"no such file or directory: {path}")
-    step = lambda f: int(m.group(1)) if (m := re.search(r"step_(\d+)", os.path.basename(f))) else sys.maxsize
-    return sorted(files, key=lambda f: (step(f), f))
-
-
-def load_saved_model(path: str, device) -> dict:
-    try:
-        saved = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        fail(f"cannot load {path}: {type(e).__name__}: {e}")
-    if not isinstance(saved, dict) or not {"args", "global_step", "actor", "qf1", "qf1_target", "qf2_target"} <= saved.keys():
-        fail(f"{path} is not a model saved by hyper_td3.py or grad_probe.py (--save-model)")
-    return saved
-
-
-def probe_snapshots(args: Args, files: list, run_dir: str, results: dict, save_results, device) -> None:
-    """Probe saved models (hyper_td3.py --save-model [--snapshot-freq N]) without training."""
+def probe_snapshots(args: Args, files: list, run_dir: str, results: dict, stop: "StopRequest", device) -> None:
+    """Probe saved models (hyper_td3.py --save-model [--snapshot-freq N], or this script's --save-model) without
+    training."""
     writers, pools = {}, {}
-    for path in files:
-        saved = load_saved_model(path, device)
-        config, step = saved["args"], saved["global_step"]
-        if config["critic"] not in ("sa-hyper", "as-hyper", "mlp"):
-            fail(f"{path}: grad_probe.py knows the sa-hyper, as-hyper and mlp critics, not {config['critic']!r}")
+    for done, path in enumerate(files):
+        saved = load_file(path, kinds=("model",), formats=SNAPSHOT_FORMATS)
+        config, step, name = saved["args"], saved["global_step"], saved["args"].get("critic")
+        if name not in ("sa-hyper", "as-hyper", "mlp"):
+            fail(f"{path}: grad_probe.py knows the sa-hyper, as-hyper and mlp critics, not {name!r}")
         env_id = config["env_id"]
         if env_id not in pools:
             pools[env_id] = [make_env(env_id) for _ in range(max(args.probe_states, args.probe_actions))]
@@ -775,17 +851,24 @@ def probe_snapshots(args: Args, files: list, run_dir: str, results: dict, save_r
         check_probe_size(args, envs[0])
         obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
         actor = Actor(obs_dim, act_dim, envs[0].action_space.low, envs[0].action_space.high).to(device)
-        qf1, qf1_target, qf2_target = (make_critic(config["critic"], config, obs_dim, act_dim).to(device) for _ in range(3))
-        for module, key in ((actor, "actor"), (qf1, "qf1"), (qf1_target, "qf1_target"), (qf2_target, "qf2_target")):
-            module.load_state_dict(saved[key])
-        name = config["critic"]
-        probe = run_probe(envs, actor, qf1, qf1_target, qf2_target, args, np.random.default_rng([args.seed, step]), envs[0].spec.max_episode_steps, device)
+        qf1, qf1_target, qf2_target = (make_critic(name, config, obs_dim, act_dim).to(device) for _ in range(3))
+        load_models(path, saved, {"actor": actor, "qf1": qf1, "qf1_target": qf1_target, "qf2_target": qf2_target})
+        rng = np.random.default_rng([args.seed, step])
+        probe = run_probe(envs, actor, qf1, qf1_target, qf2_target, args, rng, envs[0].spec.max_episode_steps, device)
         if name not in writers:
-            writers[name] = SummaryWriter(os.path.join(run_dir, name))
+            writers[name] = open_writer(args, run_dir, name)
         log_probe(writers[name], probe, step)
         results["probes"].append({"critic": name, "step": step, "source": path, **probe})
-        save_results()
-        print(f"{path}: {name} step {step} | CS {mean_cosine(probe['cos']):.3f} | learnable (CS > 0) {learnable_fraction(probe['cos'], [0.0])[0]:.2f} | {probe['env_steps']} env steps in {probe['seconds']:.1f} s")
+        save_results(results)
+        learnable = learnable_fraction(probe["cos"], [0.0])[0]
+        print(f"{path}: {name} step {step} | CS {mean_cosine(probe['cos']):.3f} | learnable (CS > 0) {learnable:.2f} | "
+              f"{probe['env_steps']} env steps in {probe['seconds']:.1f} s")  # fmt: skip
+        if stop.requested and done + 1 < len(files):
+            for writer in writers.values():
+                writer.close()
+            print(f"interrupted after probing {done + 1} of {len(files)} snapshots; their results are kept in "
+                  f"{results['path']}", file=sys.stderr)  # fmt: skip
+            sys.exit(130)
     for writer in writers.values():
         writer.close()
 
@@ -818,8 +901,10 @@ def plot_results(results_list: list, out_dir: str) -> list:
             for ax, tau in ((axes[1], 0.2), (axes[2], 0.6)):
                 ax.plot(steps, [learnable_fraction(p["cos"], [tau])[0] for p in mine], marker=".", label=critic)
             axes[3].plot(steps, [mean_cosine(p["cos"]) for p in mine], marker=".", label=critic)
-        titles = ("(a) learnable states vs threshold", "(b) learnable states, CS > 0.2", "(c) learnable states, CS > 0.6", "(d) mean cosine similarity")
-        for ax, title, xlabel, ylabel in zip(axes, titles, ("tau", "step", "step", "step"), ("fraction with CS > tau", "fraction", "fraction", "CS")):
+        titles = ("(a) learnable states vs threshold", "(b) learnable states, CS > 0.2",
+                  "(c) learnable states, CS > 0.6", "(d) mean cosine similarity")  # fmt: skip
+        xlabels, ylabels = ("tau", "step", "step", "step"), ("fraction with CS > tau", "fraction", "fraction", "CS")
+        for ax, title, xlabel, ylabel in zip(axes, titles, xlabels, ylabels):
             ax.set_title(title)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
@@ -849,62 +934,329 @@ def plot_results(results_list: list, out_dir: str) -> list:
     return written
 
 
+# ======================================================================================================================
+# RUN INFRASTRUCTURE: not the algorithm. Argument checks, the run directory, verified results and model files, the
+# non-finite guard, Ctrl-C, the progress line.
+# ======================================================================================================================
+SCRIPT = "grad_probe.py"
+FILE_FORMAT = "grad_probe/2"  # results files and models carry it; files of other scripts or versions are refused
+SNAPSHOT_FORMATS = (FILE_FORMAT, "hyper_td3/2")  # --snapshots probes this script's models and hyper_td3.py's
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One clear error line and a non-zero exit, instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def check_args(args: Args) -> None:
-    positive = ["total_timesteps", "buffer_size", "batch_size", "eval_episodes", "progress_freq", "policy_frequency", "probe_states",
-                "probe_actions", "action_repeat", "probe_start_steps", "hyper_embedding_dim", "hyper_dynamic_hidden", "hyper_init_samples"]  # fmt: skip
+    positive = ["total_timesteps", "buffer_size", "batch_size", "eval_episodes", "progress_freq", "policy_frequency",
+                "probe_states", "probe_actions", "action_repeat", "probe_start_steps", "hyper_embedding_dim",
+                "hyper_dynamic_hidden", "hyper_init_samples"]  # fmt: skip
     for name in positive:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_freq", "probe_freq", "hyper_blocks", "num_threads", "probe_sigma", "policy_noise", "noise_clip", "exploration_noise"]:
+    non_negative = ["seed", "learning_starts", "eval_freq", "probe_freq", "hyper_blocks", "num_threads", "probe_sigma",
+                    "policy_noise", "noise_clip", "exploration_noise"]  # fmt: skip
+    for name in non_negative:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            fail(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     if args.hyper_embedding_dim % 4:
-        fail(f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}")
+        fail(
+            f"--hyper-embedding-dim must be a multiple of 4 (stages dim/4, dim/2, dim), got {args.hyper_embedding_dim}"
+        )
     if args.batch_size > args.buffer_size or args.batch_size > max(args.learning_starts, 1):
-        fail(f"--batch-size {args.batch_size} must not exceed --buffer-size {args.buffer_size} or --learning-starts {args.learning_starts}")
+        fail(f"--batch-size {args.batch_size} must not exceed --buffer-size {args.buffer_size} or "
+             f"--learning-starts {args.learning_starts}")  # fmt: skip
     if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
         fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
-    for name in ["policy_lr", "q_lr"]:
+    for name in ["policy_lr", "q_lr", "hyper_embedding_norm"]:
         value = getattr(args, name)
         if value is not None and not value > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ["policy_lr", "q_lr"]:  # Adam's first step is lr / (1 - beta1) = 10 lr, a float32 in torch
+        value = getattr(args, name)
+        if value is not None and 10 * value > torch.finfo(torch.float32).max:
+            fail(f"--{name.replace('_', '-')} must be below 3.4e37 (Adam's first step, 10 lr, must fit a float32)")
     if not args.critics and not args.snapshots and not args.plot_from:
         fail("--critics is empty: name at least one of sa-hyper, as-hyper, mlp")
     if args.probe_sigma == 0:
         fail("--probe-sigma 0 leaves every action equal, so there is nothing to fit a gradient to")
-    if not 0 < args.hyper_embedding_norm < float("inf"):
-        fail(f"--hyper-embedding-norm must be positive and finite, got {args.hyper_embedding_norm}")
+    if not args.exp_name or os.sep in args.exp_name or (os.altsep and os.altsep in args.exp_name):
+        fail(f"--exp-name must be a plain name (it becomes part of a directory name), got {args.exp_name!r}")
+    if args.plot or args.plot_from:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail('--plot and --plot-from need matplotlib: pip install -e ".[plot]"')
 
 
 def check_probe_size(args: Args, env: gym.Env) -> None:
     act_dim = env.action_space.shape[0]
     if args.probe_actions < act_dim + 2:
-        fail(f"--probe-actions {args.probe_actions} is too few for {act_dim} action dimensions: a least-squares slope with intercept needs at least {act_dim + 2} returns per state")
+        fail(f"--probe-actions {args.probe_actions} is too few for {act_dim} action dimensions: a least-squares slope "
+             f"with intercept needs at least {act_dim + 2} returns per state")  # fmt: skip
 
 
-def atomic_save(obj, path: str) -> None:
-    """Write to a temporary file, flush, then rename over `path`: a crash mid-write leaves the previous file intact."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def check_memory(args: Args, env: gym.Env, replay_buffer: bool) -> None:
+    """Refuse sizes beyond the machine's memory before allocating them: the replay buffer (numpy would allocate it
+    lazily and the run would be killed once it fills) and the probe's max(states, actions) MuJoCo environments."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    u = env.unwrapped
+    env_bytes = u.model.nbuffer + u.data.nbuffer if hasattr(u, "model") and hasattr(u.model, "nbuffer") else 0
+    needed = {"the probe's environments": max(args.probe_states, args.probe_actions) * env_bytes}
+    if replay_buffer:
+        needed["the replay buffer"] = args.buffer_size * 4 * (2 * obs_dim + act_dim + 2)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    for what, size in needed.items():
+        if memory and size > memory:
+            fail(f"these sizes need {size / 2**30:.1f} GiB for {what}; this machine has {memory / 2**30:.1f} GiB")
+
+
+class Progress:
+    """The console line every --progress-freq steps: critic, step, steps/s and ETA over the current phase (random
+    actions, then learning; the first is much faster), the latest training and evaluation returns and mean CS."""
+
+    def __init__(self, label: str, total_steps: int, step: int):
+        self.label, self.total_steps = label, total_steps
+        self.last_return, self.last_eval, self.last_cos = float("nan"), float("nan"), float("nan")
+        self.new_phase(step)
+
+    def new_phase(self, step: int) -> None:
+        self.since_time, self.since_step = time.time(), step
+
+    def print(self, step: int) -> None:
+        rate = (step - self.since_step) / max(time.time() - self.since_time, 1e-9)
+        self.new_phase(step)
+        eta = format_duration((self.total_steps - step) / max(rate, 1e-9))
+        fields = [f"{self.label} step {step}/{self.total_steps}", f"{rate:.1f} steps/s", f"ETA {eta}"]
+        latest = (("return", self.last_return, 1), ("eval", self.last_eval, 1), ("CS", self.last_cos, 3))
+        fields += [f"{name} {value:.{digits}f}" for name, value, digits in latest if np.isfinite(value)]
+        print(" | ".join(fields), flush=True)
 
 
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+class NonFinite(Exception):
+    """A loss or, after an optimizer step, a weight is NaN or infinite."""
+
+
+def guarded_step(optimizer: optim.Optimizer, loss: torch.Tensor, name: str, **losses: torch.Tensor) -> None:
+    """zero_grad, backward, step, with the run's guard: the named losses must be finite before the step (so a NaN
+    never reaches the weights) and every weight the optimizer owns must be finite after it."""
+    for loss_name, value in losses.items():
+        if not torch.isfinite(value).all():
+            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
+        raise NonFinite(f"non-finite weights after the {name} step")
+
+
+def content_digest(obj) -> str:
+    """SHA-256 over every tensor's bytes and every plain value of a nested file, in a fixed order (the same function
+    as hyper_td3.py's, so its models verify here)."""
+    digest = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            digest.update(f"tensor{x.dtype}{tuple(x.shape)}".encode())
+            digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for key in sorted(x, key=repr):
+                digest.update(repr(key).encode())
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__}{len(x)}".encode())
+            for item in x:
+                visit(item)
+        else:
+            digest.update(repr(x).encode())
+
+    visit(obj)
+    return digest.hexdigest()
+
+
+def save_file(contents: dict, path: str, kind: str) -> None:
+    """Write a results file or model: tensors and plain containers only (so it loads with
+    torch.load(weights_only=True)), with its format, kind and a digest of its contents. Written to a temporary file,
+    flushed to disk, then renamed over `path`: a crash or a full disk mid-write leaves the previous file intact."""
+    contents = {**contents, "format": FILE_FORMAT, "kind": kind}
+    contents["sha256"] = content_digest(contents)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(contents, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            fail(f"cannot write {path}: {e.strerror or e}; the previous file there, if any, is intact")
+        raise
+
+
+def load_file(path: str, kinds: tuple, formats: tuple = (FILE_FORMAT,)) -> dict:
+    """Load a file written by save_file (this script's, or hyper_td3.py's for `formats` naming it) without running
+    any code from it (weights_only), and refuse anything else: another script's or version's file, a corrupted one
+    (its digest differs), or one of another kind."""
+    writers = " or ".join(f"{fmt.split('/')[0]}.py" for fmt in formats)
+    what = f"a {' or '.join(kinds)} file written by {writers}"
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"cannot load {path}: no such file")
+    except Exception as e:  # unpickling errors, foreign pickles, truncated or random bytes: all end the same way
+        fail(f"cannot load {path}: not {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(contents, dict) or contents.get("format") not in formats:
+        fail(f"cannot load {path}: not {what}, or written by an older version")
+    digest = contents.pop("sha256", None)
+    if digest != content_digest(contents):
+        fail(f"cannot load {path}: its contents do not match their checksum (the file is corrupted)")
+    if contents.get("kind") not in kinds:
+        fail(f"cannot load {path}: it is a {contents.get('kind')} file, expected {what}")
+    return contents
+
+
+def load_models(path: str, saved: dict, modules: dict) -> None:
+    """Load the saved state dicts into `modules` (name -> module); one error line if they do not fit."""
+    try:
+        for key, module in modules.items():
+            module.load_state_dict(saved[key])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        fail(f"{path}: the saved networks do not fit their own settings: {str(e).splitlines()[0][:200]}")
+
+
+def save_models(path: str, config: dict, global_step: int, agent: TD3) -> None:
+    """A final model: actor, critics and their targets, in the layout of hyper_td3.py's models (--snapshots reads
+    both)."""
+    save_file({"args": config, "global_step": global_step, **agent.models()}, path, kind="model")
+
+
+def save_results(results: dict) -> None:
+    """Rewrite the results file (after every probe and evaluation)."""
+    save_file(results, results["path"], kind="results")
 
 
 def load_results(path: str) -> dict:
+    return load_file(path, kinds=("results",))
+
+
+def snapshot_files(paths) -> list:
+    """Expand directories into their *.cleanrl_model files; order by the step number in the name."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = glob.glob(os.path.join(path, "*.cleanrl_model"))
+            if not found:
+                fail(f"{path} holds no .cleanrl_model files")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            fail(f"no such file or directory: {path}")
+
+    def step(f):
+        return int(m.group(1)) if (m := re.search(r"step_(\d+)", os.path.basename(f))) else sys.maxsize
+
+    return sorted(files, key=lambda f: (step(f), f))
+
+
+def make_run_dir(args: Args, env_id: str) -> tuple:
+    """A new directory runs/{env}__{exp_name}__{critics}__{seed}__{unix time} ("snapshots" in place of the critics
+    with --snapshots), suffixed -1, -2, ... when runs started in the same second took the name (mkdir is atomic, so
+    two runs never share one)."""
+    env_name = env_id.replace("/", "-").replace(":", "-")
+    critics = "snapshots" if args.snapshots else "+".join(args.critics)
+    base = f"{env_name}__{args.exp_name}__{critics}__{args.seed}__{int(time.time())}"
+    for i in range(1000):
+        run_name = base if i == 0 else f"{base}-{i}"
+        try:
+            os.makedirs(os.path.join("runs", run_name))
+            return run_name, os.path.join("runs", run_name)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            fail(f"cannot create the run directory runs/{run_name}: {e.strerror or e}")
+    fail(f"cannot find a free run directory name for {base}")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the run to stop at the end of the current step (or snapshot), where the results file is
+    up to date; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            fail("interrupted twice; stopped at once (the results file holds the probes finished before)", code=130)
+        self.requested = True
+        print("stopping at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def out_of_memory_fails(what: str):
+    """A failed allocation (MemoryError, or torch's RuntimeError) ends the run with one error line."""
     try:
-        results = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"cannot load {path}: {type(e).__name__}: {e}")
-    if not isinstance(results, dict) or "probes" not in results or "evals" not in results:
-        fail(f"{path} is not a results file written by {os.path.basename(__file__)}")
-    return results
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "alloc" not in str(e):
+            raise
+        fail(f"not enough memory for {what} at these sizes ({type(e).__name__})")
+
+
+def open_writer(args: Args, run_dir: str, critic_name: str) -> SummaryWriter:
+    """The critic's TensorBoard writer in runs/{run_name}/{critic}/, the hyperparameter table first."""
+    writer = SummaryWriter(os.path.join(run_dir, critic_name))
+    settings = {**vars(args), "critic": critic_name, "q_lr (effective)": critic_lr(args, critic_name)}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    return writer
+
+
+def exit_interrupted(writer: SummaryWriter, args: Args, critic_name: str, step: int, results: dict) -> None:
+    """Ctrl-C: keep what is done (the results file, the TensorBoard logs, earlier critics' models) and say so."""
+    writer.close()
+    save_results(results)
+    remaining = args.critics[args.critics.index(critic_name) :]
+    print(f"interrupted at step {step} of the {critic_name} run; its probes and evaluations so far, and those of the "
+          f"critics before it, are kept in {results['path']}; grad_probe.py cannot resume a run: train the critics "
+          f"still to do with --critics {' '.join(remaining)}", file=sys.stderr)  # fmt: skip
+    sys.exit(130)
+
+
+def exit_non_finite(writer: SummaryWriter, error: NonFinite, critic_name: str, step: int, results: dict) -> None:
+    writer.close()
+    fail(
+        f"{critic_name}: {error} at step {step}; stopping, the results of earlier probes are kept in {results['path']}"
+    )
+
+
+def plot_saved_results(args: Args) -> None:
+    """--plot-from: draw the figures from saved results files, without training."""
+    results_list = [load_results(path) for path in args.plot_from]
+    out_dir = args.plot_dir or os.path.dirname(os.path.abspath(args.plot_from[0]))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --plot-dir {out_dir}: {e.strerror or e}")
+    for path in plot_results(results_list, out_dir):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
@@ -914,36 +1266,33 @@ if __name__ == "__main__":
         torch.set_num_threads(args.num_threads)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     if args.plot_from:
-        results_list = [load_results(path) for path in args.plot_from]
-        out_dir = args.plot_dir or os.path.dirname(os.path.abspath(args.plot_from[0]))
-        os.makedirs(out_dir, exist_ok=True)
-        for path in plot_results(results_list, out_dir):
-            print(f"wrote {path}")
+        plot_saved_results(args)
         sys.exit(0)
+    stop = StopRequest()
 
+    # what to probe: saved models (their environment), or the critics trained here on --env-id
     env_id, files = args.env_id, []
     if args.snapshots:
         files = snapshot_files(args.snapshots)
-        env_id = load_saved_model(files[0], "cpu")["args"]["env_id"]
-    else:
-        check_probe_size(args, make_env(env_id))
-    run_name = f"{env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    results = {"args": vars(args), "env_id": env_id, "path": os.path.join(run_dir, "grad_probe.pt"), "probes": [], "evals": []}
+        env_id = load_file(files[0], kinds=("model",), formats=SNAPSHOT_FORMATS)["args"]["env_id"]
+    env = make_env(env_id)
+    check_probe_size(args, env)
+    check_memory(args, env, replay_buffer=not args.snapshots)
+    env.close()
 
-    def save_results() -> None:
-        atomic_save(results, results["path"])
-
+    run_name, run_dir = make_run_dir(args, env_id)
+    results = {"args": vars(args), "env_id": env_id, "path": os.path.join(run_dir, "grad_probe.pt"), "probes": [],
+               "evals": []}  # fmt: skip
+    save_results(results)
+    print(f"{run_name}: results go to {results['path']}")
     if args.snapshots:
-        probe_snapshots(args, files, run_dir, results, save_results, device)
+        probe_snapshots(args, files, run_dir, results, stop, device)
     else:
         for critic_name in args.critics:
-            train_and_probe(args, critic_name, run_dir, results, save_results, device)
-    save_results()
-    print(f"results written to {results['path']}; reload with torch.load(path)")
+            train_and_probe(args, critic_name, run_dir, results, stop, device)
+    save_results(results)
+    print(f"results written to {results['path']}; reload with torch.load(path, weights_only=True)")
     if args.plot:
         for path in plot_results([results], run_dir):
             print(f"wrote {path}")

@@ -1,5 +1,9 @@
 import glob
+import importlib.util
 import os
+import signal
+import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -36,8 +40,12 @@ run = run_script
 
 
 def results_of(cwd):
+    """The results file of the only run in `cwd`, loaded without unpickling code; its format and digest checked."""
     (path,) = glob.glob(os.path.join(cwd, "runs", "*", "grad_probe.pt"))
-    return torch.load(path, weights_only=False), os.path.dirname(path)
+    results = torch.load(path, weights_only=True)
+    assert results["format"] == "grad_probe/2" and results["kind"] == "results"
+    assert results.pop("sha256") == grad_probe.content_digest(results)
+    return results, os.path.dirname(path)
 
 
 class LinearQ(nn.Module):
@@ -257,19 +265,32 @@ def test_probes_do_not_change_training(tmp_path):
         os.makedirs(tmp_path / sub)
         run(SCRIPT, [*common, "--probe-freq", probe_freq], tmp_path / sub)
         (path,) = glob.glob(str(tmp_path / sub / "runs" / "*" / "mlp" / "*.cleanrl_model"))
-        models.append(torch.load(path, weights_only=False))
+        models.append(torch.load(path, weights_only=True))
     for key in ("actor", "qf1", "qf2"):
         for name, value in models[0][key].items():
             assert torch.equal(value, models[1][key][name]), f"{key}.{name}"
 
 
-def test_cli_probes_hyper_td3_snapshots(tmp_path):
+@pytest.fixture(scope="module")
+def td3_snapshots(tmp_path_factory):
+    """The snapshots directory of a tiny hyper_td3.py run (sa-hyper, steps 100, 200, 300)."""
+    cwd = tmp_path_factory.mktemp("td3")
     run(os.path.join(ROOT, "hyper_td3.py"), ["--env-id", LINEAR_ENV, "--critic", "sa-hyper", "--total-timesteps", "300",
-        "--learning-starts", "100", "--eval-freq", "0", "--checkpoint-freq", "0", "--save-model", "--snapshot-freq", "100", *TINY], tmp_path)  # fmt: skip
-    (snapshot_dir,) = glob.glob(str(tmp_path / "runs" / "*" / "snapshots"))
-    os.makedirs(tmp_path / "probe")
-    proc = run(SCRIPT, ["--snapshots", snapshot_dir, "--probe-start-steps", "5"], tmp_path / "probe")
-    results, _ = results_of(tmp_path / "probe")
+        "--learning-starts", "100", "--eval-freq", "0", "--checkpoint-freq", "0", "--save-model", "--snapshot-freq", "100", *TINY], cwd)  # fmt: skip
+    (snapshot_dir,) = glob.glob(str(cwd / "runs" / "*" / "snapshots"))
+    return snapshot_dir
+
+
+@pytest.fixture(scope="module")
+def snapshot_probe(td3_snapshots, tmp_path_factory):
+    """(process, cwd) of grad_probe.py --snapshots on those snapshots."""
+    cwd = tmp_path_factory.mktemp("probe")
+    return run(SCRIPT, ["--snapshots", td3_snapshots, "--probe-start-steps", "5"], cwd), cwd
+
+
+def test_cli_probes_hyper_td3_snapshots(snapshot_probe):
+    proc, cwd = snapshot_probe
+    results, _ = results_of(cwd)
     assert [(p["critic"], p["step"]) for p in results["probes"]] == [("sa-hyper", 100), ("sa-hyper", 200), ("sa-hyper", 300)]
     assert results["env_id"] == LINEAR_ENV
     for p in results["probes"]:
@@ -302,3 +323,169 @@ def test_bad_input_gives_one_error_line(tmp_path, extra, message):
     proc = run(SCRIPT, extra, tmp_path, check=False)
     assert proc.returncode == 1
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- run infrastructure: safe files, unique run directories, the guard, Ctrl-C, one error line ------------------
+class _Payload:
+    """Unpickling it would create a marker file: a stand-in for code hidden in a downloaded file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def last_error_line(proc):
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag, name, file_format", [("--snapshots", "evil.cleanrl_model", "hyper_td3/2"),
+                                                     ("--plot-from", "evil.pt", "grad_probe/2")])  # fmt: skip
+def test_a_malicious_file_runs_nothing_and_gets_one_error_line(tmp_path, flag, name, file_format):
+    marker = tmp_path / "pwned"
+    torch.save({"format": file_format, "args": {"env_id": LINEAR_ENV}, "actor": _Payload(str(marker))}, tmp_path / name)
+    proc = run(SCRIPT, [flag, name], tmp_path, check=False)
+    assert not marker.exists()
+    assert last_error_line(proc).startswith(f"error: cannot load {name}")
+
+
+@pytest.mark.parametrize("kind, message", [("random", "not a model file written by"), ("older", "older version"),
+                                           ("corrupted", "corrupted")])  # fmt: skip
+def test_snapshots_refuse_random_older_and_corrupted_files(td3_snapshots, tmp_path, kind, message):
+    model = torch.load(os.path.join(td3_snapshots, "step_300.cleanrl_model"), weights_only=True)
+    path = tmp_path / f"{kind}.cleanrl_model"
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "older":  # hyper_td3.py's model before files carried a format and a digest
+        torch.save({k: v for k, v in model.items() if k not in ("format", "kind", "sha256")}, path)
+    else:
+        model["qf1"]["primary.net.0.weight"][0, 0] += 1.0  # one weight changed, the stored digest kept
+        torch.save(model, path)
+    proc = run(SCRIPT, ["--snapshots", str(path), "--probe-start-steps", "5"], tmp_path, check=False)
+    assert message in last_error_line(proc)
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_plot_from_refuses_a_corrupted_results_file(snapshot_probe, tmp_path):
+    results = torch.load(glob.glob(str(snapshot_probe[1] / "runs" / "*" / "grad_probe.pt"))[0], weights_only=True)
+    results["probes"][0]["cos"][0] = 1.0  # one number changed, the stored digest kept
+    torch.save(results, tmp_path / "corrupted.pt")
+    proc = run(SCRIPT, ["--plot-from", "corrupted.pt"], tmp_path, check=False)
+    assert "corrupted" in last_error_line(proc)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(grad_probe.time, "time", lambda: 1700000000.0)
+    args = Args(env_id=LINEAR_ENV, critics=("mlp",))
+    names = [grad_probe.make_run_dir(args, args.env_id)[0] for _ in range(3)]
+    assert len(set(names)) == 3 and all(os.path.isdir(os.path.join("runs", name)) for name in names)
+    assert all("__mlp__" in name for name in names)  # the run name says which critics
+
+
+def test_the_guard_stops_on_weights_that_a_step_made_non_finite():
+    weight = torch.nn.Parameter(torch.tensor([3.3e38]))
+    optimizer = torch.optim.Adam([weight], lr=3e37)
+    loss = -weight.sum()  # finite, and its step pushes the weight past the largest float32 (3.4e38)
+    with pytest.raises(grad_probe.NonFinite, match="non-finite weights after the critic step"):
+        grad_probe.guarded_step(optimizer, loss, "critic", qf1_loss=loss)
+    with pytest.raises(grad_probe.NonFinite, match="non-finite qf1_loss"):
+        grad_probe.guarded_step(optimizer, loss, "critic", qf1_loss=torch.tensor(float("nan")))
+
+
+def test_a_critic_step_that_makes_the_weights_non_finite_stops_the_same_update():
+    args = Args(env_id=LINEAR_ENV, batch_size=4)
+    agent = grad_probe.TD3(args, "mlp", 2, 2, np.array([-3.0, 0.0]), np.array([3.0, 2.0]), None, "cpu")
+    step = agent.q_optimizer.step
+
+    def overflowing_step():  # stands in for a step too large for float32; the loss before it is finite
+        step()
+        with torch.no_grad():
+            agent.qf2.net[0].weight[0, 0] = float("inf")
+
+    agent.q_optimizer.step = overflowing_step
+    batch = [torch.zeros(4, 2), torch.ones(4, 2), torch.ones(4, 1), torch.zeros(4, 2), torch.zeros(4, 1)]
+    with pytest.raises(grad_probe.NonFinite, match="non-finite weights after the critic step"):
+        agent.update(*batch)
+
+
+def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_results(tmp_path):
+    proc = run(SCRIPT, ["--env-id", LINEAR_ENV, "--critics", "mlp", "--total-timesteps", "300", "--learning-starts", "100",
+                        "--probe-freq", "100", "--eval-freq", "0", "--probe-start-steps", "5", "--q-lr", "1e30"],
+               tmp_path, check=False)  # fmt: skip
+    last = last_error_line(proc)
+    assert "mlp: non-finite" in last and "the results of earlier probes are kept in runs/" in last
+    results, _ = results_of(tmp_path)
+    assert [p["step"] for p in results["probes"]] == [100]
+
+
+def test_ctrl_c_stops_at_the_end_of_a_step_and_keeps_the_results(tmp_path):
+    args = [sys.executable, SCRIPT, "--num-threads", "1", "--env-id", LINEAR_ENV, "--critics", "mlp", "as-hyper",
+            "--total-timesteps", "100000", "--learning-starts", "100", "--probe-freq", "50", "--eval-freq", "0",
+            "--probe-start-steps", "5", "--progress-freq", "10", *TINY]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("mlp step 120/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "kept in runs/" in last and "--critics mlp as-hyper" in last
+    results, _ = results_of(tmp_path)
+    assert [p["step"] for p in results["probes"]][:2] == [50, 100]
+
+
+def error_line_of(call, capsys):
+    """The one line `call` prints before exiting with status 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"seed": -1}, "--seed must be >= 0"),
+        ({"probe_sigma": float("nan")}, "--probe-sigma must be a finite number"),
+        ({"policy_lr": float("inf")}, "--policy-lr must be a finite number"),
+        ({"q_lr": 1e38}, "--q-lr must be below 3.4e37"),
+        ({"exp_name": "a/b"}, "--exp-name must be a plain name"),
+    ],
+)
+def test_more_bad_flags_give_one_error_line(settings, message, capsys):
+    assert message in error_line_of(lambda: grad_probe.check_args(Args(**settings)), capsys)
+
+
+def test_plot_without_matplotlib_fails_before_training(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    for settings in ({"plot": True}, {"plot_from": ("results.pt",)}):
+        assert "need matplotlib" in error_line_of(lambda: grad_probe.check_args(Args(**settings)), capsys)
+
+
+def test_sizes_beyond_memory_give_one_error_line_before_any_run_directory(tmp_path, capsys):
+    proc = run(SCRIPT, ["--env-id", LINEAR_ENV, "--critics", "mlp", "--buffer-size", str(10**12)], tmp_path, check=False)
+    assert "GiB for the replay buffer" in last_error_line(proc)
+    assert not os.path.exists(tmp_path / "runs")
+    check = lambda: grad_probe.check_memory(Args(probe_states=10**9), gym.make("Hopper-v4"), replay_buffer=False)
+    assert "GiB for the probe's environments" in error_line_of(check, capsys)
+
+
+def test_runs_being_a_file_gives_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("not a directory")
+    make = lambda: grad_probe.make_run_dir(Args(env_id=LINEAR_ENV), LINEAR_ENV)
+    assert "cannot create the run directory" in error_line_of(make, capsys)
+
+
+def test_exp_name_default_does_not_depend_on_the_file_name(tmp_path):
+    copy = tmp_path / "renamed_probe.py"
+    copy.write_text(open(SCRIPT).read())
+    spec = importlib.util.spec_from_file_location("renamed_probe", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.Args().exp_name == "grad_probe"
