@@ -33,3 +33,16 @@ def cached_runs(tmp_path_factory, run, base_args, flag):
         return done[value]
 
     return get
+
+
+def tensorboard_events(run_dir):
+    """The run's TensorBoard events, every scalar kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return events
+
+
+def scalar_tags(run_dir) -> set:
+    return set(tensorboard_events(run_dir).Tags()["scalars"])

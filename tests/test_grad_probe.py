@@ -28,9 +28,8 @@ from grad_probe import (
     set_sim_state,
 )
 from tests.envs_probe import WEIGHTS
-from tests.cli import run_script
+from tests.cli import ROOT, run_script, scalar_tags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "grad_probe.py")
 LINEAR_ENV = "tests.envs_probe:LinearRewardEnv-v0"
 TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-init-samples", "50"]
@@ -245,10 +244,7 @@ def test_cli_trains_and_probes_all_three_critics_and_plots(tmp_path):
     for critic in ("sa-hyper", "as-hyper", "mlp"):
         assert glob.glob(os.path.join(run_dir, critic, "events.out.tfevents.*"))
         assert os.path.exists(os.path.join(run_dir, critic, "grad_probe.cleanrl_model"))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(os.path.join(run_dir, "sa-hyper")).Reload()
-    tags = set(acc.Tags()["scalars"])
+    tags = scalar_tags(os.path.join(run_dir, "sa-hyper"))
     assert {"grad/cosine_similarity", "grad/learnable_states_tau_0", "grad/learnable_states_tau_0.8", "eval/episodic_return",
             "charts/episodic_return", "losses/qf1_loss", "charts/SPS"} <= tags  # fmt: skip
 

@@ -22,9 +22,8 @@ from hyper_maml import (FAMILIES, FAMILY_SPECS, LOG_STD_MIN, Args, ContextPolicy
                         task_contexts, trpo_step, variance_experiment)
 from functools import partial
 
-from tests.cli import cached_runs, only_run_dir, run_script
+from tests.cli import ROOT, cached_runs, only_run_dir, run_script, tensorboard_events
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 0.05
 # Ant's is mild so that it keeps its feet on the floor and the contact term is non-zero
 ACTION = {"HalfCheetah": np.array([0.3, -0.7, 0.5, 0.9, -0.2, 0.1]), "Ant": np.linspace(0.2, -0.3, 8)}
@@ -1017,10 +1016,7 @@ run = partial(run_script, SCRIPT)
 
 
 def scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(run_dir)
-    events.Reload()
+    events = tensorboard_events(run_dir)
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}, events.Tags()["tensors"]
 
 

@@ -10,9 +10,8 @@ from hyper_pearl import (FAMILIES, FAMILY_SPECS, KL_LAMBDA, LATENT_DIM, ContextE
                          kl_to_prior, make_context, make_task_env, make_task_pool, product_of_gaussians, sample_z)
 from functools import partial
 
-from tests.cli import cached_runs, only_run_dir, run_script
+from tests.cli import ROOT, cached_runs, only_run_dir, run_script, tensorboard_events
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 0.05
 # Ant's is mild so that it keeps its feet on the floor and the contact term is non-zero
 ACTION = {"HalfCheetah": np.array([0.3, -0.7, 0.5, 0.9, -0.2, 0.1]), "Ant": np.linspace(0.2, -0.3, 8)}
@@ -960,13 +959,10 @@ def assert_one_error_line(proc, message, code=1):
 
 @pytest.mark.parametrize("model", ["mlp", "hyper"])
 def test_cli_run_trains_evaluates_logs_and_saves(model, small_runs):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     stdout, run_dir = small_runs(model)
     assert os.path.basename(run_dir).startswith(f"HalfCheetahVel__hyper_pearl__{model}__0__")
     assert "iteration 2/2" in stdout and "s/it" in stdout and "env steps/s" in stdout and "ETA" in stdout and "eval test" in stdout
-    events = EventAccumulator(run_dir)
-    events.Reload()
+    events = tensorboard_events(run_dir)
     # global step = training env steps: 3 tasks x 200 initial + 200 prior + 200 posterior, then 400 more
     for tag in TAGS:
         assert [e.step for e in events.Scalars(tag)] == [1000, 1400], tag

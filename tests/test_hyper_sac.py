@@ -1,8 +1,6 @@
 import glob
-import importlib.util
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import hyper_sac
-from hyper_sac import Actor, Args, HyperCritic, collect_meta_samples, make_critic
+from hyper_sac import Actor, Args, HyperCritic, make_critic
 from functools import partial
 
-from tests.cli import only_run_dir, run_script
+from tests.cli import ROOT, only_run_dir, run_script, scalar_tags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "hyper_sac.py")
 CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
 TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-init-samples", "50", "--mlp-large-width", "64",
@@ -27,14 +24,6 @@ TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-i
 
 run = partial(run_script, SCRIPT)
 
-
-
-def scalar_tags(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir)
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 # --- networks ---------------------------------------------------------------------------------

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 import hyper_td3
-from hyper_td3 import Actor, Args, HyperCritic, collect_meta_samples, make_critic
+from hyper_td3 import Actor, Args, HyperCritic, make_critic
 from functools import partial
 
-from tests.cli import only_run_dir, run_script
+from tests.cli import ROOT, only_run_dir, run_script, scalar_tags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "hyper_td3.py")
 CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
 TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-init-samples", "50", "--mlp-large-width", "64",
@@ -31,14 +30,6 @@ def load(path):
 def replay_buffer(run_dir):
     saved = load(os.path.join(run_dir, "checkpoint.pt"))["replay_buffer"]
     return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
-
-
-def scalar_tags(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir)
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 def same_state(a, b):
