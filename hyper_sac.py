@@ -551,13 +551,14 @@ class SAC:
         polyak_update(self.qf2, self.qf2_target, args.tau)
         return metrics
 
+    PARTS = ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "alpha_optimizer")
+
     def state_dict(self) -> dict:
-        nets = ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "alpha_optimizer")
-        return {**{name: getattr(self, name).state_dict() for name in nets}, "log_alpha": self.log_alpha.detach().cpu()}
+        parts = {name: getattr(self, name).state_dict() for name in self.PARTS}
+        return {**parts, "log_alpha": self.log_alpha.detach().cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        nets = ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "alpha_optimizer")
-        for name in nets:
+        for name in self.PARTS:
             getattr(self, name).load_state_dict(state[name])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
@@ -1121,7 +1122,8 @@ if __name__ == "__main__":
                 action = env.action_space.sample()
             else:
                 with torch.no_grad():
-                    action, _, _ = agent.actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+                    obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+                    action, _, _ = agent.actor.get_action(obs_t)
                 action = action[0].cpu().numpy()
 
             # TRY NOT TO MODIFY: execute the game and log data.
@@ -1143,7 +1145,8 @@ if __name__ == "__main__":
                     for name, value in metrics.items():
                         writer.add_scalar(f"losses/{name}", value.item(), global_step)
                     writer.add_scalar("losses/alpha", agent.log_alpha.exp().item(), global_step)
-                    saturation, grad_agreement = actor_saturation_diagnostics(agent.actor, agent.qf1, agent.qf2, batch[0])
+                    diagnostics = actor_saturation_diagnostics(agent.actor, agent.qf1, agent.qf2, batch[0])
+                    saturation, grad_agreement = diagnostics
                     writer.add_scalar("charts/actor_saturation", saturation, global_step)
                     writer.add_scalar("charts/action_grad_sign_agreement", grad_agreement, global_step)
 
