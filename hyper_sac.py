@@ -488,6 +488,17 @@ def actor_saturation_diagnostics(actor: Actor, qf1: nn.Module, qf2: nn.Module, o
     return saturation, grad.sign().mean(0).abs().mean().item()
 
 
+def embedding_rms(qf: nn.Module, obs, actions) -> Optional[float]:
+    """Root-mean-square norm of a hypernetwork critic's embedding e(meta) on the batch, or None for other critics.
+    With --hyper-init pytorch it starts at --hyper-embedding-norm; the generated weights are linear in e and Q is
+    quadratic in it, so a value far above the start means the critic generates weights well outside the scale it
+    was initialized and tuned at."""
+    if not isinstance(qf, HyperCritic):
+        return None
+    with torch.no_grad():
+        return qf.primary(obs if qf.meta_is_state else actions).pow(2).sum(1).mean().sqrt().item()
+
+
 def soft_td_target(rewards, terminations, next_q1, next_q2, next_log_prob, alpha, gamma):
     """y = r + gamma * (1 - terminated) * (min(Q1', Q2')(s', a') - alpha * log pi(a'|s')), a' ~ pi(s').
     Truncated transitions keep terminated = 0, so they bootstrap from the true final observation."""
@@ -1149,6 +1160,9 @@ if __name__ == "__main__":
                     saturation, grad_agreement = diagnostics
                     writer.add_scalar("charts/actor_saturation", saturation, global_step)
                     writer.add_scalar("charts/action_grad_sign_agreement", grad_agreement, global_step)
+                    rms = embedding_rms(agent.qf1, batch[0], batch[1])
+                    if rms is not None:
+                        writer.add_scalar("charts/embedding_rms", rms, global_step)
 
             if args.eval_freq and global_step % args.eval_freq == 0:
                 returns = evaluate(agent.actor, eval_env, args.eval_episodes, args.seed + 100, device)

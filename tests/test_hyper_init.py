@@ -81,6 +81,18 @@ def test_embedding_has_the_set_norm_on_the_calibration_states_and_close_to_it_on
             assert norm_on(others) == pytest.approx(norm, rel=0.15)
 
 
+@pytest.mark.parametrize("script", [hyper_sac, hyper_td3], ids=lambda s: s.__name__)
+def test_logged_embedding_rms_is_the_embeddings_rms_norm_of_the_meta_variable(script):
+    torch.manual_seed(0)
+    states, actions, _ = cheetah(1000, 200)
+    sa_hyper = build(script, states, hyper_embedding_dim=256, hyper_embedding_norm=5.0)
+    assert script.embedding_rms(sa_hyper, states, actions) == pytest.approx(5.0, rel=1e-4)  # the calibration
+    assert script.embedding_rms(sa_hyper, 2 * states, actions) > 5.5  # it follows the states, not the actions
+    as_hyper = build(script, actions, critic="as-hyper", hyper_embedding_dim=256, hyper_embedding_norm=3.0)
+    assert script.embedding_rms(as_hyper, states, actions) == pytest.approx(3.0, rel=1e-4)
+    assert script.embedding_rms(build(script, states, critic="mlp"), states, actions) is None
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
 def test_q_is_not_positively_homogeneous_in_the_action(script):
     # With zero generated biases Q(s, k a) - Q(s, 0) = k (Q(s, a) - Q(s, 0)) for k > 0: Q is linear along every
