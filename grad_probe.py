@@ -1,16 +1,16 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#     "torch>=2.1",
+#     "torch>=2.2",
 #     "gymnasium[mujoco]>=1.0",
 #     "mujoco>=3.0",
-#     "numpy>=1.24",
-#     "tyro>=0.8",
+#     "numpy>=1.25",
+#     "tyro>=0.8.4",
 #     "tensorboard>=2.10",
 # ]
 # ///
 # docs and measured results: docs/grad_probe.md
-"""How accurate is a critic's action-gradient? The gradient-accuracy experiment of Keynan, Sarafian & Kraus,
+"""How accurate is a critic's action-gradient? The gradient-accuracy experiment of Sarafian, Keynan & Kraus,
 "Recomposing the Reinforcement Learning Building Blocks with Hypernetworks" (ICML 2021), Sec. 3, Figs. 3-4.
 
 An actor-critic method improves its policy only through the critic's action-gradient grad_a Q_phi(s, a)
@@ -76,10 +76,12 @@ import re
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -87,6 +89,19 @@ import torch.nn.functional as F
 import torch.optim as optim
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+# Two known-harmless third-party warnings are silenced, nothing else: gymnasium's "-v4 is out of date" (v4 is kept
+# on purpose, see README) and MuJoCo's C-level deprecation of `settotalmass`, still applied, in gymnasium's XML.
+warnings.filterwarnings("ignore", r".*The environment \S+-v4 is out of date", DeprecationWarning, r"gymnasium\.")
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's C-level warnings, printed as its default handler prints them, except the harmless one above."""
+    if "'settotalmass' is deprecated" not in message:
+        print(f"WARNING: {message}\n", file=sys.stderr, flush=True)
+
+
+mujoco.set_mju_user_warning(mujoco_warning)
 
 ProbeCritic = Literal["sa-hyper", "as-hyper", "mlp"]
 HYPER_CRITICS = ("sa-hyper", "as-hyper")
@@ -212,8 +227,6 @@ def get_sim_state(env: gym.Env) -> np.ndarray:
     u = env.unwrapped
     if hasattr(u, "get_sim_state"):
         return u.get_sim_state()
-    import mujoco
-
     state = np.empty(mujoco.mj_stateSize(u.model, mujoco.mjtState.mjSTATE_INTEGRATION))
     mujoco.mj_getState(u.model, u.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
     return state
@@ -224,10 +237,10 @@ def set_sim_state(env: gym.Env, state: np.ndarray) -> np.ndarray:
     u = env.unwrapped
     if hasattr(u, "set_sim_state"):
         return u.set_sim_state(state)
-    import mujoco
-
     mujoco.mj_setState(u.model, u.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
     mujoco.mj_forward(u.model, u.data)  # derived quantities (contacts, sensors) some observations read
+    # before MuJoCo 3.3.6, mj_forward also overwrote qacc_warmstart, part of the state, and the next step then differed
+    mujoco.mj_setState(u.model, u.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
     return u._get_obs()
 
 
@@ -772,7 +785,7 @@ def train_and_probe(args: Args, critic_name: str, run_dir: str, results: dict, s
 
     obs, _ = env.reset(seed=args.seed)
     episodic_return, episodic_length, probe_seconds = 0.0, 0, 0.0
-    progress = Progress(critic_name, args.total_timesteps, 0)
+    progress = Progress(critic_name, args.total_timesteps, 0, args.learning_starts)
     start_time, global_step = time.time(), 0
     try:
         for global_step in range(1, args.total_timesteps + 1):
@@ -1019,10 +1032,11 @@ def check_memory(args: Args, env: gym.Env, replay_buffer: bool) -> None:
 
 class Progress:
     """The console line every --progress-freq steps: critic, step, steps/s and ETA over the current phase (random
-    actions, then learning; the first is much faster), the latest training and evaluation returns and mean CS."""
+    actions, then learning; the first is much faster, so it gives no ETA), the latest training and evaluation returns
+    and mean CS."""
 
-    def __init__(self, label: str, total_steps: int, step: int):
-        self.label, self.total_steps = label, total_steps
+    def __init__(self, label: str, total_steps: int, step: int, learning_starts: int):
+        self.label, self.total_steps, self.learning_starts = label, total_steps, learning_starts
         self.last_return, self.last_eval, self.last_cos = float("nan"), float("nan"), float("nan")
         self.new_phase(step)
 
@@ -1033,6 +1047,8 @@ class Progress:
         rate = (step - self.since_step) / max(time.time() - self.since_time, 1e-9)
         self.new_phase(step)
         eta = format_duration((self.total_steps - step) / max(rate, 1e-9))
+        if step <= self.learning_starts < self.total_steps:
+            eta = "after learning starts"  # the random steps' rate says nothing about the learning steps'
         fields = [f"{self.label} step {step}/{self.total_steps}", f"{rate:.1f} steps/s", f"ETA {eta}"]
         latest = (("return", self.last_return, 1), ("eval", self.last_eval, 1), ("CS", self.last_cos, 3))
         fields += [f"{name} {value:.{digits}f}" for name, value, digits in latest if np.isfinite(value)]

@@ -1,18 +1,18 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#     "torch>=2.1",
+#     "torch>=2.2",
 #     "gymnasium[mujoco]>=1.0",
 #     "mujoco>=3.0",
-#     "numpy>=1.24",
-#     "tyro>=0.8",
+#     "numpy>=1.25",
+#     "tyro>=0.8.4",
 #     "tensorboard>=2.10",
 # ]
 # ///
 # docs, measured results, the checkpoint format and failures: docs/hyper_pearl.md
 """PEARL with MLP or hypernetwork policy and critic on the paper's meta-RL task families.
 
-Implements the PEARL experiments of Keynan, Sarafian & Kraus, "Recomposing the Reinforcement Learning Building Blocks
+Implements the PEARL experiments of Sarafian, Keynan & Kraus, "Recomposing the Reinforcement Learning Building Blocks
 with Hypernetworks" (ICML 2021), Sec. 5, Figs. 6d and 7: PEARL (Rakelly, Zhou, Quillen, Finn & Levine, "Efficient
 Off-Policy Meta-Reinforcement Learning via Probabilistic Context Variables", ICML 2019) infers a task latent z from
 transitions with a probabilistic context encoder and trains a soft actor-critic conditioned on z, whose policy and
@@ -67,10 +67,12 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional, get_args
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -78,6 +80,19 @@ import torch.nn.functional as F
 import tyro
 from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
+
+# Two known-harmless third-party warnings are silenced, nothing else: gymnasium's "-v4 is out of date" (v4 is kept
+# on purpose, see README) and MuJoCo's C-level deprecation of `settotalmass`, still applied, in gymnasium's XML.
+warnings.filterwarnings("ignore", r".*The environment \S+-v4 is out of date", DeprecationWarning, r"gymnasium\.")
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's C-level warnings, printed as its default handler prints them, except the harmless one above."""
+    if "'settotalmass' is deprecated" not in message:
+        print(f"WARNING: {message}\n", file=sys.stderr, flush=True)
+
+
+mujoco.set_mju_user_warning(mujoco_warning)
 
 
 # Task families (paper Sec. 5)
@@ -389,7 +404,9 @@ def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.T
 def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A reparameterised sample a = tanh(u), u ~ N(mean, std^2): (action, log-prob (..., 1), pre-tanh mean).
     The deterministic (evaluation) action is tanh(mean); actions are in [-1, 1], the task envs' action box."""
-    u = mean + log_std.exp() * torch.randn_like(mean)
+    # noise in row-major order whatever mean's memory layout (randn_like follows its strides, and torch 2.1's einsum
+    # returns a transposed layout), so a batched and a per-sample call draw the same noise on every torch version
+    u = mean + log_std.exp() * torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
     return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std), mean
 
 
@@ -668,7 +685,7 @@ def init_hypernetwork(module: nn.Module, meta_samples: Optional[torch.Tensor],
        that must give embeddings of about the same norm (the policy's prior and posterior z), the input projection's
        weights are then scaled down by `balance_input_scale`. Under PyTorch's default a prior z (|z| ~ sqrt(5))
        outweighs the first layer's bias by sqrt(5), the embedding at prior z is about twice as large as at posterior
-       z (|z| ~ 0.1 at first), and at paper size 15 updates on posterior z left a fifth of the policy's means
+       z (|z| ~ 0.1 at first), and at paper size 15 updates on posterior z left 10-20% of the policy's means
        saturated at prior z. Scaled, z changes the generated network about as much as the released init lets it.
        Then the last stage is rescaled so that the embedding e has root-mean-square norm `embedding_norm` over
        `meta_samples`: scaling a ReLU stage's input projection and every bias in it by c > 0 scales its output by
@@ -1413,8 +1430,9 @@ class RNGStreams:
 
 class Progress:
     """The console line every --progress-freq iterations: iteration, s/it and ETA over the current phase (the first
-    iteration also collects the initial pool, and a resumed run starts a new phase), the last iteration's collection,
-    update and evaluation seconds, env steps/s, the iteration's training return and the latest evaluation."""
+    iteration also collects the initial pool, so it gives no ETA, and a resumed run starts a new phase), the last
+    iteration's collection, update and evaluation seconds, env steps/s, the iteration's training return and the latest
+    evaluation."""
 
     def __init__(self, total_iterations: int, every: int, iteration: int):
         self.total, self.every, self.last_eval = total_iterations, every, (float("nan"), float("nan"))
@@ -1429,10 +1447,13 @@ class Progress:
             return
         elapsed = max(time.time() - self.since_time, 1e-9)
         per_iteration = elapsed / max(iteration - self.since_iteration, 1)
+        eta = format_duration((self.total - iteration) * per_iteration)
+        if iteration == 1 < self.total:
+            eta = "from iteration 2"  # iteration 1's rate, with the initial pool, says nothing about the others'
         fields = [f"iteration {iteration}/{self.total}", f"{per_iteration:.1f} s/it",
                   "last: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items()),
                   f"{self.steps / elapsed:.0f} env steps/s",
-                  f"ETA {format_duration((self.total - iteration) * per_iteration)}",
+                  f"ETA {eta}",
                   f"train return {train_return:.1f}"]  # fmt: skip
         if np.isfinite(self.last_eval[0]):
             fields.append(f"eval test {self.last_eval[0]:.1f} train {self.last_eval[1]:.1f}")

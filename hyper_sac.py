@@ -1,18 +1,18 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#     "torch>=2.1",
+#     "torch>=2.2",
 #     "gymnasium[mujoco]>=1.0",
 #     "mujoco>=3.0",
-#     "numpy>=1.24",
-#     "tyro>=0.8",
+#     "numpy>=1.25",
+#     "tyro>=0.8.4",
 #     "tensorboard>=2.10",
 # ]
 # ///
 # docs and measured results: docs/hyper_sac.md
 """SAC with a hypernetwork critic (SA-Hyper) and the paper's critic baselines.
 
-Implements the single-task actor-critic experiments of Keynan, Sarafian & Kraus, "Recomposing the
+Implements the single-task actor-critic experiments of Sarafian, Keynan & Kraus, "Recomposing the
 Reinforcement Learning Building Blocks with Hypernetworks" (ICML 2021), Sec. 2-3 and 5.2, on top of
 Soft Actor-Critic (Haarnoja et al. 2018). Only the Q-network model changes between runs: the
 SA-Hyper critic computes Q(s, a) = f_{w(s)}(a), a small dynamic network over the action whose
@@ -70,10 +70,12 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -81,6 +83,19 @@ import torch.nn.functional as F
 import torch.optim as optim
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+# Two known-harmless third-party warnings are silenced, nothing else: gymnasium's "-v4 is out of date" (v4 is kept
+# on purpose, see README) and MuJoCo's C-level deprecation of `settotalmass`, still applied, in gymnasium's XML.
+warnings.filterwarnings("ignore", r".*The environment \S+-v4 is out of date", DeprecationWarning, r"gymnasium\.")
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's C-level warnings, printed as its default handler prints them, except the harmless one above."""
+    if "'settotalmass' is deprecated" not in message:
+        print(f"WARNING: {message}\n", file=sys.stderr, flush=True)
+
+
+mujoco.set_mju_user_warning(mujoco_warning)
 
 CriticName = Literal["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
 HYPER_CRITICS = ("sa-hyper", "as-hyper")
@@ -807,10 +822,11 @@ class GlobalRNGs:
 
 class Progress:
     """The console line every --progress-freq steps: step, steps/s and ETA over the current phase (random actions,
-    then learning; the first is much faster), the latest training and evaluation returns."""
+    then learning; the first is much faster, so it gives no ETA), the latest training and evaluation returns."""
 
-    def __init__(self, total_steps: int, step: int):
-        self.total_steps, self.last_return, self.last_eval = total_steps, float("nan"), float("nan")
+    def __init__(self, total_steps: int, step: int, learning_starts: int):
+        self.total_steps, self.learning_starts = total_steps, learning_starts
+        self.last_return, self.last_eval = float("nan"), float("nan")
         self.new_phase(step)
 
     def new_phase(self, step: int) -> None:
@@ -820,6 +836,8 @@ class Progress:
         rate = (step - self.since_step) / max(time.time() - self.since_time, 1e-9)
         self.new_phase(step)
         eta = format_duration((self.total_steps - step) / max(rate, 1e-9))
+        if step <= self.learning_starts < self.total_steps:
+            eta = "after learning starts"  # the random steps' rate says nothing about the learning steps'
         fields = [f"step {step}/{self.total_steps}", f"{rate:.1f} steps/s", f"ETA {eta}"]
         fields += [
             f"{name} {v:.1f}" for name, v in (("return", self.last_return), ("eval", self.last_eval)) if np.isfinite(v)
@@ -1105,7 +1123,7 @@ if __name__ == "__main__":
     with out_of_memory_fails("the networks and the replay buffer"):
         agent = SAC(args, obs_dim, act_dim, env.action_space.low, env.action_space.high, meta_samples, device)
         rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, args.seed)
-    rngs, progress = GlobalRNGs(), Progress(args.total_timesteps, 0)
+    rngs, progress = GlobalRNGs(), Progress(args.total_timesteps, 0, args.learning_starts)
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = env.reset(seed=args.seed)

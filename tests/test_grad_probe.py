@@ -485,3 +485,31 @@ def test_exp_name_default_does_not_depend_on_the_file_name(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.Args().exp_name == "grad_probe"
+
+
+def test_cli_probes_a_v5_env(tmp_path):
+    proc = run(SCRIPT, ["--env-id", "Hopper-v5", "--critics", "mlp", "--total-timesteps", "300", "--learning-starts", "100",
+                        "--probe-freq", "300", "--eval-freq", "0", "--probe-start-steps", "30", "--probe-states", "3",
+                        "--progress-freq", "100"], tmp_path)  # fmt: skip
+    results, _ = results_of(tmp_path)
+    (probe,) = results["probes"]
+    assert probe["true_grad"].shape == (3, 3) and torch.isfinite(probe["returns"]).all()
+    assert "mlp step 100/300" in proc.stdout and "ETA after learning starts" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_the_first_eta_after_learning_starts_comes_from_the_learning_rate(monkeypatch, capsys):
+    """The training loop's calls to Progress, with learning starting between two progress lines, on a clock where a
+    random step takes 1 ms and a learning step 0.5 s."""
+    clock = [0.0]
+    monkeypatch.setattr(grad_probe, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    progress = grad_probe.Progress("mlp", 10_000, 0, 5500)
+    for step in range(1, 8001):
+        clock[0] += 0.001 if step <= 5500 else 0.5
+        if step % 1000 == 0:
+            progress.print(step)
+        if step == 5500:
+            progress.new_phase(step)
+    lines = capsys.readouterr().out.splitlines()
+    assert all("ETA after learning starts" in line for line in lines[:5])  # steps 1000, ..., 5000
+    assert "mlp step 6000/10000 | 2.0 steps/s | ETA 33m20s" in lines[5]  # 4000 steps at 0.5 s

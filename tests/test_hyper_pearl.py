@@ -612,7 +612,7 @@ def test_v_target_and_policy_loss_by_hand(model):
         else:
             mean, log_std = agent.policy.dist_params(batch.obs.reshape(24, -1), z_rows.reshape(24, -1))
             mean, log_std = mean.view(3, 8, -1), log_std.view(3, 8, -1)
-        u = mean + log_std.exp() * torch.randn_like(mean)
+        u = mean + log_std.exp() * torch.randn(mean.shape)
         action = torch.tanh(u)
         log_pi = (Normal(mean.double(), log_std.exp().double()).log_prob(u.double())
                   - torch.log(1 - torch.tanh(u.double()) ** 2)).sum(-1, keepdim=True).float()  # fmt: skip
@@ -648,7 +648,7 @@ def test_policy_loss_follows_the_critics_action_gradient(model):
     grads = torch.autograd.grad(policy_loss, params)
     torch.manual_seed(5)
     mean, log_std = agent.policy.dist_params_with_weights(agent.policy.task_weights(z), batch.obs)
-    u = mean + log_std.exp() * torch.randn_like(mean)
+    u = mean + log_std.exp() * torch.randn(mean.shape)
     log_pi = tanh_gaussian_log_prob(u, mean, log_std)
     regulariser = 1e-3 * mean.pow(2).mean() + 1e-3 * log_std.pow(2).mean()
     action = torch.tanh(u)
@@ -1147,3 +1147,20 @@ def test_runs_being_a_file_gives_one_error_line(tmp_path):
     (tmp_path / "runs").write_text("not a directory")
     proc = run([*SMALL_RUN, "--model", "mlp"], tmp_path, check=False)
     assert_one_error_line(proc, "cannot create the run directory")
+
+
+def test_the_first_eta_after_iteration_1_comes_from_the_later_iterations_rate(monkeypatch, capsys):
+    """The training loop's calls to Progress on a clock where iteration 1, with the initial pool, takes 100 s and each
+    later iteration 2 s."""
+    clock = [0.0]
+    monkeypatch.setattr(hyper_pearl, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    progress = hyper_pearl.Progress(10, 1, 0)
+    for iteration in range(1, 4):
+        clock[0] += 100.0 if iteration == 1 else 2.0
+        progress.end_iteration(iteration, 200, {"collection": 1.0}, 0.0)
+        if iteration == 1:
+            progress.new_phase(iteration)
+    lines = capsys.readouterr().out.splitlines()
+    assert "ETA from iteration 2" in lines[0]
+    assert "iteration 2/10 | 2.0 s/it" in lines[1] and "ETA 0m16s" in lines[1]  # 8 iterations at 2 s
+    assert "ETA 0m14s" in lines[2]

@@ -187,3 +187,33 @@ def test_runs_being_a_file_gives_one_error_line(script, tmp_path):
 def test_capture_video_without_moviepy_gives_one_error_line(script, tmp_path):
     proc = run(script, ["--eval-model", "any.cleanrl_model", "--capture-video"], tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "needs moviepy" in proc.stderr
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetah-v5", "Hopper-v5"])
+def test_a_v5_env_runs_through_learning_start_and_an_eval(script, env_id, tmp_path):
+    proc = run(script, ["--env-id", env_id, "--total-timesteps", "40", "--learning-starts", "20", "--batch-size", "16",
+                        "--eval-freq", "40", "--eval-episodes", "1", "--checkpoint-freq", "0", "--progress-freq", "20",
+                        *TINY], tmp_path)  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith("step 20/40") and "ETA after learning starts" in lines[1]  # random steps: no ETA
+    assert lines[2].startswith("step 40/40") and "ETA 0m00s" in lines[2] and "eval" in lines[2]
+    assert proc.stderr == ""
+
+
+def test_the_first_eta_after_learning_starts_comes_from_the_learning_rate(script, monkeypatch, capsys):
+    """The training loop's calls to Progress, with learning starting between two progress lines, on a clock where a
+    random step takes 1 ms and a learning step 0.5 s."""
+    module = importlib.import_module(script)
+    clock = [0.0]
+    monkeypatch.setattr(module, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    progress = module.Progress(10_000, 0, 5500)
+    for step in range(1, 8001):
+        clock[0] += 0.001 if step <= 5500 else 0.5
+        if step % 1000 == 0:
+            progress.print(step)
+        if step == 5500:
+            progress.new_phase(step)
+    lines = capsys.readouterr().out.splitlines()
+    assert all("ETA after learning starts" in line for line in lines[:5])  # steps 1000, ..., 5000
+    assert "step 6000/10000 | 2.0 steps/s | ETA 33m20s" in lines[5]  # 4000 steps at 0.5 s
+    assert "step 8000/10000 | 2.0 steps/s | ETA 16m40s" in lines[7]
