@@ -1,6 +1,6 @@
 """Plot a TensorBoard scalar of several runs into one PNG (needs matplotlib: pip install -e ".[plot]").
 
-    python benchmarks/plot_curves.py --runs runs/A runs/B --labels sa-hyper mlp --tag eval/episodic_return --out curve.png
+    python experiments/plot_curves.py --runs runs/A runs/B --labels sa-hyper mlp --tag eval/episodic_return --out curve.png
 
 Runs that share a label (e.g. seeds of one setting) are drawn as one curve: their mean over the steps they all
 logged, with the band between their minimum and maximum.
