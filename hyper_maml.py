@@ -30,8 +30,15 @@ policy and takes one TRPO step on the meta-objective; the test tasks are scored 
 
 Defaults are the authors' (github keynans/HypeRL, MAML/main.py): meta-batch 40, 20 episodes per task, 400
 meta-iterations, gamma 0.95, GAE lambda 1, inner step 0.1 for the MLPs, max KL 0.01, 10 CG iterations, damping 1e-5, 20
-line-search steps of 0.8, 100-100 MLPs, 100 train and 20 test tasks, seed 0. CPU only. Hyper's inner step is not
-theirs: it goes with the initialization (`default_fast_lr`).
+line-search steps of 0.8, 100-100 MLPs, 100 train and 20 test tasks, seed 0. Hyper's inner step is not theirs: it
+goes with the initialization (`default_fast_lr`).
+
+Device: the policy, the inner steps and the meta-update run on CUDA when it is available (--cuda, the default;
+--no-cuda for the CPU); the envs step on the CPU. Per lockstep step, the observations of all the batch's envs go to the
+device in one copy and the actions come back in one; each sampling call's episodes go to the device once. The policy is
+initialized on the CPU and every random draw of training comes from numpy generators, so a run draws the same tasks,
+resets and noise on either device, and only floating-point rounding differs between a CPU and a GPU run. A CPU run is
+bit-exact and resumes exactly; --cuda may differ on resume.
 
 Where this differs from the authors' MAML code (HypeRL MAML/, a fork of pytorch-maml-rl v1):
 
@@ -114,6 +121,8 @@ class Args:
     """seed of the task pools, the networks, task draws, env resets and action noise (the authors' default 0)"""
     torch_deterministic: bool = True
     """if toggled, sets `torch.backends.cudnn.deterministic=True` (disable with --no-torch-deterministic)"""
+    cuda: bool = True
+    """use CUDA when it is available (disable with --no-cuda)"""
     num_threads: int = 0
     """torch CPU threads; 0 keeps torch's default (all cores)"""
     track: bool = False
@@ -693,17 +702,17 @@ def linear_feature_baseline(obs, rewards, mask, gamma: float) -> torch.Tensor:
     have zero features and zero returns, so they do not affect the fit. Solved in float64."""
     n, t = rewards.shape
     obs64, mask64 = obs.double(), mask.double()
-    time = (torch.arange(t, dtype=torch.float64) / 100.0).view(1, t, 1).expand(n, t, 1)
+    time = (torch.arange(t, dtype=torch.float64, device=obs.device) / 100.0).view(1, t, 1).expand(n, t, 1)
     features = torch.cat([obs64, obs64**2, time, time**2, time**3, torch.ones_like(time)], -1) * mask64[..., None]
     x = features.reshape(n * t, -1)
     y = discounted_returns(rewards.double(), mask64, gamma).reshape(-1)
     gram, target, reg = x.T @ x, x.T @ y, BASELINE_REG
+    eye = torch.eye(len(gram), dtype=torch.float64, device=x.device)
     for _ in range(BASELINE_REG_TRIES):
-        cholesky, info = torch.linalg.cholesky_ex(gram + reg * torch.eye(len(gram), dtype=torch.float64))
-        if info == 0:
-            coefficients = torch.cholesky_solve(target[:, None], cholesky)[:, 0]
-            if torch.isfinite(coefficients).all():
-                return (features @ coefficients).to(rewards.dtype)
+        cholesky, info = torch.linalg.cholesky_ex(gram + reg * eye)
+        coefficients = torch.cholesky_solve(target[:, None], cholesky)[:, 0]  # garbage if info != 0, then unused
+        if ((info == 0) & torch.isfinite(coefficients).all()).item():  # one host sync: retrying is a Python decision
+            return (features @ coefficients).to(rewards.dtype)
         reg *= 10.0
     raise RuntimeError(f"cannot fit the linear baseline (ridge up to {reg / 10:g}); are the observations finite?")
 
@@ -852,7 +861,7 @@ def line_search(
     for k in range(max_steps):
         candidate = add_step(params, backtrack_ratio**k * full_step)
         with torch.no_grad():  # only values here: no second-order graph, no graph of the surrogate or the KL
-            surrogate, kl = (v.item() for v in objective(candidate))
+            surrogate, kl = torch.stack(objective(candidate)).tolist()  # the accept test needs both: one host sync
         if surrogate < surrogate_before and kl <= max_kl:  # False for NaN as well
             return candidate, {"surrogate": surrogate, "kl": kl, "ls_steps": k}
     return params, {"surrogate": surrogate_before, "kl": 0.0, "ls_steps": -1}
@@ -889,7 +898,7 @@ class MAML:
         """One TRPO step on the meta-objective of the tasks' train (pre-adaptation) and valid (post-adaptation)
         episodes; returns trpo_step's stats. The policy takes the new parameters only if the guard accepts them."""
         args = self.args
-        contexts = task_contexts(args.env_id, tasks)
+        contexts = task_contexts(args.env_id, tasks).to(self.policy.log_std.device)
         meta_tasks = [MetaTask(context, train_episodes, advantages, valid_episodes,
                                episode_advantages(valid_episodes, args.gamma, args.gae_lambda))
                       for context, train_episodes, advantages, valid_episodes
@@ -964,14 +973,15 @@ def sample_episodes(envs: list[TaskEnv], tasks: list[Task], policy: GaussianPoli
     obs (B, n_episodes, obs_dim) gives Normal(mu, sigma); the action is mu + sigma * eps with eps ~ N(0, I) drawn from
     `rng`, as are the seeds of the env resets. The action stored is the sampled one; the env clips it (TaskEnv).
 
-    Returns one `Episodes` per task, float32, padded to the longest episode (200 steps unless every episode ended
-    earlier by an Ant termination); the mask is 0 after an episode's last step. Raises NonFinite on a
+    Returns one `Episodes` per task, float32 on the policy's device, padded to the longest episode (200 steps unless
+    every episode ended earlier by an Ant termination); the mask is 0 after an episode's last step. Raises NonFinite on a
     non-finite action, observation or reward, before the env is stepped with it."""
     n_tasks, n_envs = len(tasks), len(tasks) * n_episodes
     if len(envs) < n_envs:
         raise ValueError(f"{n_tasks} tasks x {n_episodes} episodes need {n_envs} envs, got {len(envs)}")
     envs = envs[:n_envs]
-    contexts = task_contexts(envs[0].family, tasks)
+    device = policy.log_std.device
+    contexts = task_contexts(envs[0].family, tasks).to(device)
     obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     obs = np.zeros((n_envs, EPISODE_STEPS, obs_dim), dtype=np.float32)
     actions = np.zeros((n_envs, EPISODE_STEPS, act_dim), dtype=np.float32)
@@ -990,9 +1000,10 @@ def sample_episodes(envs: list[TaskEnv], tasks: list[Task], policy: GaussianPoli
         for t in range(EPISODE_STEPS):
             if not alive.any():
                 break
-            distribution = task_policy(torch.from_numpy(current).view(n_tasks, n_episodes, obs_dim))
+            # one copy of all envs' observations to the device and one of their actions back per step
+            distribution = task_policy(torch.from_numpy(current).to(device).view(n_tasks, n_episodes, obs_dim))
             noise = torch.from_numpy(rng.standard_normal((n_tasks, n_episodes, act_dim), dtype=np.float32))
-            action = (distribution.loc + distribution.scale * noise).reshape(n_envs, act_dim).numpy()
+            action = (distribution.loc + distribution.scale * noise.to(device)).reshape(n_envs, act_dim).cpu().numpy()
             for i in np.flatnonzero(alive):
                 if not np.isfinite(action[i]).all():
                     raise NonFinite(f"non-finite action {action[i]} from the policy")
@@ -1004,7 +1015,7 @@ def sample_episodes(envs: list[TaskEnv], tasks: list[Task], policy: GaussianPoli
                 alive[i] = not (terminated or truncated)
     length = int(mask.sum(1).max())
     shape = (n_tasks, n_episodes, length)
-    tensors = [torch.from_numpy(np.ascontiguousarray(a[:, :length]).reshape(*shape, *a.shape[2:]))
+    tensors = [torch.from_numpy(np.ascontiguousarray(a[:, :length]).reshape(*shape, *a.shape[2:])).to(device)
                for a in (obs, actions, rewards, mask)]  # fmt: skip
     return [Episodes(*(tensor[b] for tensor in tensors)) for b in range(n_tasks)]
 
@@ -1015,29 +1026,33 @@ def mean_return(episodes: list[Episodes]) -> float:
 
 
 def env_steps(episodes: list[Episodes]) -> int:
-    return int(sum(e.mask.sum().item() for e in episodes))
+    return int(torch.stack([e.mask.sum() for e in episodes]).sum().item())  # exact: counts far below 2^24
 
 
-def inner_step_stats(policy: GaussianPolicy, adapted: dict, episodes: Episodes, context) -> dict:
+def inner_step_stats(
+    policy: GaussianPolicy, adapted: dict, episodes: Episodes, context, on_device: bool = False
+) -> dict:
     """How far one inner step moved the policy on the states it adapted on (a step that is too small leaves MAML
     nothing to meta-learn; one that is too large makes the adapted policy, and so the meta-objective, hypersensitive):
     inner_kl = KL(pi_theta || pi_theta') summed over the action dims and averaged over valid steps, and the mean |mu|
-    over action dims and valid steps before (pre_mean_abs_mu) and after (post_mean_abs_mu) the step."""
+    over action dims and valid steps before (pre_mean_abs_mu) and after (post_mean_abs_mu) the step. Floats, or with
+    on_device 0-dim tensors on the policy's device (the sampler's: no host sync per task)."""
     with torch.no_grad():
         pre, post = policy.distribution(episodes.obs, context), policy.distribution(episodes.obs, context, adapted)
-        return {"inner_kl": masked_mean(kl_divergence(pre, post).sum(-1), episodes.mask).item(),
-                "pre_mean_abs_mu": masked_mean(pre.mean.abs().mean(-1), episodes.mask).item(),
-                "post_mean_abs_mu": masked_mean(post.mean.abs().mean(-1), episodes.mask).item()}  # fmt: skip
+        stats = {"inner_kl": masked_mean(kl_divergence(pre, post).sum(-1), episodes.mask),
+                 "pre_mean_abs_mu": masked_mean(pre.mean.abs().mean(-1), episodes.mask),
+                 "post_mean_abs_mu": masked_mean(post.mean.abs().mean(-1), episodes.mask)}  # fmt: skip
+    return stats if on_device else {key: value.item() for key, value in stats.items()}
 
 
 def adapted_for_sampling(policy: GaussianPolicy, contexts, episodes: list[Episodes], advantages, step_size: float,
                          inner_steps: list):  # fmt: skip
     """Yields each task's theta'_i = theta - alpha grad L_i(theta) (`adapt`), detached, one task at a time, and
-    appends its `inner_step_stats` to inner_steps."""
+    appends its `inner_step_stats` (0-dim tensors on the policy's device) to inner_steps."""
     for context, task_episodes, task_advantages in zip(contexts, episodes, advantages):
         adapted = adapt(policy, None, task_episodes, context, task_advantages, step_size, first_order=True)
         adapted = {name: p.detach() for name, p in adapted.items()}
-        inner_steps.append(inner_step_stats(policy, adapted, task_episodes, context))
+        inner_steps.append(inner_step_stats(policy, adapted, task_episodes, context, on_device=True))
         yield adapted
 
 
@@ -1045,14 +1060,14 @@ def pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gam
     """MAML's per-task data (keynans/HypeRL, MAML/maml_rl/metalearner.py: sample): n_episodes episodes with theta
     (pre-adaptation), their advantages, one inner step per task on them, and n_episodes episodes with each task's
     theta'_i (post-adaptation). Returns (pre episodes, pre advantages, post episodes, inner steps): lists over the
-    tasks, and a dict of float64 tensors over the tasks with the keys of `inner_step_stats`."""
-    contexts = task_contexts(envs[0].family, tasks)
+    tasks, and a dict of float64 CPU tensors over the tasks with the keys of `inner_step_stats`."""
+    contexts = task_contexts(envs[0].family, tasks).to(policy.log_std.device)
     pre = sample_episodes(envs, tasks, policy, None, n_episodes, rng)
     pre_advantages = [episode_advantages(episodes, gamma, lam) for episodes in pre]
     inner_steps = []
     adapted = adapted_for_sampling(policy, contexts, pre, pre_advantages, step_size, inner_steps)
     post = sample_episodes(envs, tasks, policy, adapted, n_episodes, rng)
-    stats = {key: torch.tensor([step[key] for step in inner_steps], dtype=torch.float64) for key in inner_steps[0]}
+    stats = {key: torch.stack([step[key] for step in inner_steps]).double().cpu() for key in inner_steps[0]}
     return pre, pre_advantages, post, stats
 
 
@@ -1083,7 +1098,7 @@ def variance_experiment(envs, tasks, policy, n_samples, n_episodes, rng, step_si
         pre, _, post, inner = pre_and_post_adaptation(envs, tasks, policy, n_episodes, rng, step_size, gamma, lam)
         pre_returns.append(mean_return(pre))
         post_returns.append(mean_return(post))
-        post_task_returns.append([e.rewards.sum(1).double().mean().item() for e in post])
+        post_task_returns.append(torch.stack([e.rewards.sum(1).double().mean() for e in post]).tolist())
         inner_kl.append(inner["inner_kl"].mean().item())
         steps += env_steps(pre) + env_steps(post)
     as_tensor = partial(torch.tensor, dtype=torch.float64)
@@ -1198,8 +1213,9 @@ def check_memory(args: Args) -> None:
 
 
 # Settings that may differ between a run and its resumption; every other setting changes what the run computes.
-RESUME_MAY_DIFFER = ("num_batches", "progress_freq", "checkpoint_freq", "num_threads", "track", "wandb_project_name",
-                     "wandb_entity", "save_model", "resume", "exp_name")  # fmt: skip
+# --cuda may differ so that a run can move to another device; from there on its rounding is that device's.
+RESUME_MAY_DIFFER = ("num_batches", "progress_freq", "checkpoint_freq", "num_threads", "cuda", "track",
+                     "wandb_project_name", "wandb_entity", "save_model", "resume", "exp_name")  # fmt: skip
 
 
 def check_resume_settings(checkpoint: dict, args: Args, fast_lr: float) -> None:
@@ -1303,7 +1319,8 @@ def guarded_step(policy: nn.Module, new_params: dict, name: str, **losses: float
     for loss_name, value in losses.items():
         if not np.isfinite(value):
             raise NonFinite(f"non-finite {loss_name} ({value})")
-    bad = [param_name for param_name, p in new_params.items() if not torch.isfinite(p).all()]
+    finite = torch.stack([torch.isfinite(p).all() for p in new_params.values()]).tolist()  # one host sync
+    bad = [param_name for param_name, ok in zip(new_params, finite) if not ok]
     if bad:
         raise NonFinite(f"non-finite weights after the {name} step ({', '.join(bad)})")
     policy.load_state_dict(new_params)
@@ -1470,7 +1487,8 @@ def out_of_memory_fails(what: str):
         fail(f"not enough memory for {what} at these sizes ({type(e).__name__})")
 
 
-def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[int], fast_lr: float) -> SummaryWriter:
+def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[int], fast_lr: float,
+                device: torch.device) -> SummaryWriter:  # fmt: skip
     """The TensorBoard writer (mirrored to Weights and Biases with --track), the hyperparameter table first. A resumed
     run purges what the interrupted one logged after its checkpoint."""
     if args.track:
@@ -1481,7 +1499,7 @@ def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[in
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True)  # fmt: skip
     writer = SummaryWriter(run_dir, purge_step=resumed_at + 1 if resumed_at is not None else None)
-    settings = {**vars(args), "fast_lr (effective)": fast_lr}
+    settings = {**vars(args), "fast_lr (effective)": fast_lr, "device": device}
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
     return writer
 
@@ -1509,6 +1527,7 @@ if __name__ == "__main__":
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     fast_lr = effective_fast_lr(args)
     checkpoint = load_file(args.resume, kinds=("checkpoint",)) if args.resume else None
     if checkpoint is not None:
@@ -1532,7 +1551,9 @@ if __name__ == "__main__":
 
     # ALGO LOGIC: initialize agent here
     with out_of_memory_fails("the policy"):
-        learner = MAML(args, make_policy(args, obs_dim, act_dim, task_contexts(args.env_id, train_tasks)), fast_lr)
+        # made on the CPU and then moved, so that its initialization is the same on every device
+        policy = make_policy(args, obs_dim, act_dim, task_contexts(args.env_id, train_tasks)).to(device)
+        learner = MAML(args, policy, fast_lr)
     sampler = MetaBatchSampler(envs, train_tasks, args)
     rngs, progress = GlobalRNGs(), Progress(args.num_batches, 0, args.variance_iters)
     eval_tasks, variance_tasks = test_tasks[: args.eval_tasks or len(test_tasks)], train_tasks[: args.variance_tasks]
@@ -1547,9 +1568,10 @@ if __name__ == "__main__":
     else:
         run_name, run_dir = make_run_dir(args)
     checkpoint_path, variance_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "variance.pt")
-    writer = open_writer(args, run_name, run_dir, start_iteration if checkpoint is not None else None, fast_lr)
+    writer = open_writer(args, run_name, run_dir, start_iteration if checkpoint is not None else None, fast_lr, device)
     n_params = sum(p.numel() for p in learner.policy.parameters())
-    print(f"{run_name}: {args.policy} policy ({n_params:,} parameters), fast_lr {fast_lr:g}, {len(envs)} lockstep envs")
+    print(f"{run_name}: {args.policy} policy ({n_params:,} parameters), fast_lr {fast_lr:g}, {len(envs)} lockstep envs, "
+          f"device {device}")  # fmt: skip
 
     iteration = start_iteration
     try:

@@ -27,7 +27,17 @@ out-of-distribution Half-Cheetah-Vel-Medium.
 Defaults are PEARL's (github katerakelly/oyster, configs/default.py and configs/*.json) with the authors' changes
 (github keynans/HypeRL, PEARL/configs/ and PEARL/torch/sac/sac.py): latent 5, context encoder 3 x 200 over (s, a, r),
 KL weight 0.1, 200-step episodes, 100 train and 30 test tasks for the velocity families, the two directions as both
-train and test tasks for the direction families. CPU only.
+train and test tasks for the direction families.
+
+Device: the networks and the gradient steps run on CUDA when it is available (--cuda, the default; --no-cuda for the
+CPU); the env and the replay buffers stay on the CPU. Each gradient step's replay and context batches go to the device
+once, through pinned memory without waiting for the GPU, and the step's losses stay there until the iteration's mean
+is logged; rollouts move one observation to the device and one action back per env step. The networks are initialized
+on the CPU, and the replay draws, env resets and evaluation z come from numpy generators, so those are the same on
+either device. The draws of torch's global generator (the policy's action noise, z from the prior and posterior in
+collection and training) come from its CPU generator on the CPU and from the CUDA generator on a GPU, so a GPU run
+differs from a CPU run beyond rounding; both generators are checkpointed. A CPU run is bit-exact and resumes exactly;
+--cuda may differ on resume.
 
 Where this differs from the authors' PEARL code (HypeRL PEARL/, a fork of oyster):
 
@@ -869,7 +879,7 @@ def saturation_diagnostics(agent: PEARLAgent, batch: Batch, context: torch.Tenso
     and collects) and from the posterior of the task's context batch (as in the gradient steps). Noise from `rng`, so
     the diagnostic leaves the training's random streams untouched."""
     prior, posterior = agent.encoder.prior(len(context)), agent.encoder.posterior(context)
-    noise = torch.as_tensor(rng.standard_normal((2, *prior.loc.shape)), dtype=torch.float32)
+    noise = torch.as_tensor(rng.standard_normal((2, *prior.loc.shape)), dtype=torch.float32, device=prior.loc.device)
     return {
         f"policy_saturation_{name}_z": policy_saturation(agent.policy, batch.obs, q.loc + q.scale * eps)
         for name, q, eps in (("prior", prior, noise[0]), ("posterior", posterior, noise[1]))
@@ -881,7 +891,7 @@ def train_step(agent: PEARLAgent, optimizers: dict, batch: Batch, context: torch
                kl_lambda: float = KL_LAMBDA) -> dict:  # fmt: skip
     """One PEARL gradient step (see the section comment), each optimizer step guarded (`guarded_step`): a non-finite
     loss stops the step before it reaches the weights, a non-finite weight right after it. Returns the step's
-    scalars."""
+    scalars as detached 0-dim tensors on the networks' device, so that a step needs no host sync beyond the guard's."""
     loss, z, stats = critic_loss(agent, batch, context, reward_scale, gamma, kl_lambda)
     guarded_step([optimizers[name] for name in ("context", "qf1", "qf2")], loss, "Q and encoder", {"Q loss + KL": loss})
 
@@ -891,9 +901,7 @@ def train_step(agent: PEARLAgent, optimizers: dict, batch: Batch, context: torch
                  {"V loss": vf_loss, "policy loss": policy_loss})  # fmt: skip
     soft_update(agent.vf, agent.target_vf, tau)
     stats.pop("q_target")
-    return {
-        k: float(v.detach()) for k, v in {**stats, **more, "qf_loss": stats["qf1_loss"] + stats["qf2_loss"]}.items()
-    }
+    return {k: v.detach() for k, v in {**stats, **more, "qf_loss": stats["qf1_loss"] + stats["qf2_loss"]}.items()}
 
 
 class PEARL:
@@ -930,6 +938,17 @@ class PEARL:
 # d = 1 (the authors' rollout, HypeRL PEARL/torch/samplers/util.py, dropped them).
 
 FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals")
+
+
+def to_device(array: np.ndarray, device=None) -> torch.Tensor:
+    """A numpy batch as a tensor on `device` (None: the CPU, sharing the array's memory). To CUDA it is copied through
+    pinned memory asynchronously, so the host queues the copy behind the GPU's work instead of waiting for it."""
+    tensor = torch.as_tensor(array)
+    if device is None or tensor.device == torch.device(device):
+        return tensor
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class TaskBuffer:
@@ -978,15 +997,17 @@ class MultiTaskBuffer:
     def __init__(self, n_tasks: int, obs_dim: int, act_dim: int, capacity: int):
         self.tasks = [TaskBuffer(obs_dim, act_dim, capacity) for _ in range(n_tasks)]
 
-    def sample_batch(self, task_indices, n: int, rng: np.random.Generator) -> Batch:
-        """n transitions from each listed task -> a Batch of (tasks, n, dim) tensors."""
+    def sample_batch(self, task_indices, n: int, rng: np.random.Generator, device=None) -> Batch:
+        """n transitions from each listed task -> a Batch of (tasks, n, dim) tensors on `device` (None: the CPU)."""
         samples = [self.tasks[i].sample(n, rng) for i in task_indices]
-        return Batch(*(torch.as_tensor(np.stack([s[k] for s in samples])) for k in FIELDS))
+        return Batch(*(to_device(np.stack([s[k] for s in samples]), device) for k in FIELDS))
 
-    def sample_context(self, task_indices, n: int, rng: np.random.Generator) -> torch.Tensor:
-        """n transitions from each listed task -> a context (tasks, n, obs + act + 1) of (s, a, r)."""
-        batch = self.sample_batch(task_indices, n, rng)
-        return make_context(batch.obs, batch.actions, batch.rewards)
+    def sample_context(self, task_indices, n: int, rng: np.random.Generator, device=None) -> torch.Tensor:
+        """n transitions from each listed task -> a context (tasks, n, obs + act + 1) of (s, a, r) on `device`."""
+        samples = [self.tasks[i].sample(n, rng) for i in task_indices]
+        return make_context(
+            *(to_device(np.stack([s[k] for s in samples]), device) for k in ("obs", "actions", "rewards"))
+        )
 
     def state_dict(self) -> list:
         return [buffer.state_dict() for buffer in self.tasks]
@@ -1009,12 +1030,12 @@ def rollout(env: gym.Env, policy: nn.Module, z: torch.Tensor, deterministic: boo
     weights = policy.task_weights(z)
     obs, _ = env.reset(seed=seed)
     path = {k: [] for k in FIELDS}
-    while True:
+    while True:  # one observation to z's device and one action back per step
         mean, log_std = policy.dist_params_with_weights(
-            weights, torch.as_tensor(obs, dtype=torch.float32).view(1, 1, -1)
+            weights, torch.as_tensor(obs, dtype=torch.float32, device=z.device).view(1, 1, -1)
         )
         action = torch.tanh(mean if deterministic else mean + log_std.exp() * torch.randn_like(mean))
-        action = action.view(-1).numpy()
+        action = action.view(-1).cpu().numpy()
         if not np.isfinite(action).all():
             raise NonFinite("non-finite action from the policy")
         next_obs, reward, terminated, truncated, _ = env.step(action)
@@ -1031,13 +1052,14 @@ def new_seed(rng: np.random.Generator) -> int:
 
 def draw_z(q: Normal, rng: np.random.Generator) -> torch.Tensor:
     """z ~ q with its noise from `rng`, not from torch's stream: evaluation leaves the training's streams untouched."""
-    return q.loc + q.scale * torch.as_tensor(rng.standard_normal(tuple(q.loc.shape)), dtype=q.loc.dtype)
+    noise = torch.as_tensor(rng.standard_normal(tuple(q.loc.shape)), dtype=q.loc.dtype, device=q.loc.device)
+    return q.loc + q.scale * noise
 
 
-def buffer_context(buffer: TaskBuffer, n: int, rng: np.random.Generator) -> torch.Tensor:
-    """A context of n transitions (s, a, r) sampled from one task's buffer, (1, n, obs + act + 1)."""
+def buffer_context(buffer: TaskBuffer, n: int, rng: np.random.Generator, device=None) -> torch.Tensor:
+    """A context of n transitions (s, a, r) sampled from one task's buffer, (1, n, obs + act + 1), on `device`."""
     sample = buffer.sample(n, rng)
-    return make_context(*(torch.as_tensor(sample[k]).unsqueeze(0) for k in ("obs", "actions", "rewards")))
+    return make_context(*(to_device(sample[k], device).unsqueeze(0) for k in ("obs", "actions", "rewards")))
 
 
 def collect(env: TaskEnv, task: Task, agent: PEARLAgent, n_steps: int, rl_buffer: TaskBuffer,
@@ -1058,7 +1080,8 @@ def collect(env: TaskEnv, task: Task, agent: PEARLAgent, n_steps: int, rl_buffer
             encoder_buffer.add_path(path)
         if use_posterior and encoder_buffer.size > 0:
             with torch.no_grad():
-                z = sample_z(agent.encoder.posterior(buffer_context(encoder_buffer, context_batch, rng)))
+                context = buffer_context(encoder_buffer, context_batch, rng, z.device)
+                z = sample_z(agent.encoder.posterior(context))
         else:
             z = agent.encoder.prior(1).sample()
     return paths
@@ -1078,7 +1101,7 @@ def adaptation_returns(env: TaskEnv, task: Task, agent: PEARLAgent, n_steps: int
         path = rollout(env, agent.policy, z, deterministic=True, seed=new_seed(rng))
         returns.append(float(path["rewards"].sum()))
         steps += len(path["rewards"])
-        context.append(make_context(*(torch.as_tensor(path[k]) for k in ("obs", "actions", "rewards"))))
+        context.append(make_context(*(to_device(path[k], z.device) for k in ("obs", "actions", "rewards"))))
         if len(returns) >= n_exploration:
             z = draw_z(agent.encoder.posterior(torch.cat(context).unsqueeze(0)), rng)
         else:
@@ -1126,6 +1149,8 @@ class Args:
     """seed of the task pools, the networks, task draws, env resets and action noise (the authors' default 0)"""
     torch_deterministic: bool = True
     """if toggled, sets `torch.backends.cudnn.deterministic=True` (disable with --no-torch-deterministic)"""
+    cuda: bool = True
+    """use CUDA when it is available (disable with --no-cuda)"""
     num_threads: int = 0
     """torch CPU threads; 0 keeps torch's default (all cores)"""
     track: bool = False
@@ -1376,8 +1401,10 @@ TASK_BYTES = 4096  # about what a task and its two empty buffers cost in Python 
 
 
 # Settings that may differ between a run and its resumption; every other setting changes what the run computes.
-RESUME_MAY_DIFFER = ("num_iterations", "progress_freq", "checkpoint_freq", "num_threads", "track", "wandb_project_name",
-                     "wandb_entity", "save_model", "resume", "exp_name")  # fmt: skip
+# --cuda may differ so that a run can move to another device; from there on its rounding and its torch draws (the
+# other device's generator, as that device's checkpointed state, or as seeded if the checkpoint has none) differ.
+RESUME_MAY_DIFFER = ("num_iterations", "progress_freq", "checkpoint_freq", "num_threads", "cuda", "track",
+                     "wandb_project_name", "wandb_entity", "save_model", "resume", "exp_name")  # fmt: skip
 
 
 def check_resume_settings(checkpoint: dict, args: Args) -> None:
@@ -1480,13 +1507,15 @@ class NonFinite(FloatingPointError):
 
 def guarded_step(optimizers: list, loss: torch.Tensor, name: str, losses: dict) -> None:
     """zero_grad, backward, step, with the run's guard: the named losses must be finite before the step (so a NaN never
-    reaches the weights) and every weight the optimizers own must be finite after it."""
-    for loss_name, value in losses.items():
-        if not torch.isfinite(value).all():
-            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
+    reaches the weights) and every weight the optimizers own must be finite after it. One host sync per check; the
+    losses are checked once backward is queued, so that on a GPU the backward runs while the host waits."""
     for optimizer in optimizers:
         optimizer.zero_grad()
     loss.backward()
+    finite = torch.stack([torch.isfinite(value).all() for value in losses.values()]).tolist()
+    for (loss_name, value), ok in zip(losses.items(), finite):
+        if not ok:
+            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
     for optimizer in optimizers:
         optimizer.step()
     params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
@@ -1641,7 +1670,8 @@ def out_of_memory_fails(what: str):
         fail(f"not enough memory for {what} at these sizes ({type(e).__name__})")
 
 
-def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[int]) -> SummaryWriter:
+def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[int],
+                device: torch.device) -> SummaryWriter:  # fmt: skip
     """The TensorBoard writer (mirrored to Weights and Biases with --track), the hyperparameter table first, with the
     family's schedule and the learning rates in effect. A resumed run purges what the interrupted one logged after its
     checkpoint."""
@@ -1655,7 +1685,7 @@ def open_writer(args: Args, run_name: str, run_dir: str, resumed_at: Optional[in
     writer = SummaryWriter(run_dir, purge_step=resumed_at + 1 if resumed_at is not None else None)
     effective = {**{name: schedule(args, name) for name in FAMILY_SCHEDULES[args.env_id]},
                  **{f"{name}_lr": lr for name, lr in learning_rates(args).items()}}  # fmt: skip
-    settings = {**vars(args), **{f"{k} (effective)": v for k, v in effective.items()}}
+    settings = {**vars(args), **{f"{k} (effective)": v for k, v in effective.items()}, "device": device}
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
     return writer
 
@@ -1692,6 +1722,7 @@ if __name__ == "__main__":
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_file(args.resume, kinds=("checkpoint",)) if args.resume else None
     if checkpoint is not None:
         check_resume_settings(checkpoint, args)
@@ -1718,7 +1749,8 @@ if __name__ == "__main__":
         init_seed = new_seed(np.random.default_rng([args.seed, INIT_STREAM]))
         init_context = collect_init_context(args.env_id, train_tasks[0], args.hyper_init_samples, init_seed)
     with out_of_memory_fails("the networks"):
-        learner = PEARL(args, make_agent(args, obs_dim, act_dim, init_context))
+        # made on the CPU and then moved, so that the initialization is the same on every device
+        learner = PEARL(args, make_agent(args, obs_dim, act_dim, init_context).to(device))
     agent = learner.agent
     rl_buffer = MultiTaskBuffer(len(train_tasks), obs_dim, act_dim, args.buffer_size)
     encoder_buffer = MultiTaskBuffer(len(train_tasks), obs_dim, act_dim, args.buffer_size)
@@ -1733,11 +1765,11 @@ if __name__ == "__main__":
     else:
         run_name, run_dir = make_run_dir(args)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    writer = open_writer(args, run_name, run_dir, resumed_at=global_step if checkpoint is not None else None)
+    writer = open_writer(args, run_name, run_dir, global_step if checkpoint is not None else None, device)
     n_params = {name: sum(p.numel() for p in getattr(agent, name).parameters()) for name in ("policy", "qf1", "vf")}
     print(f"{run_name}: {args.model} models (policy {n_params['policy']:,}, Q {n_params['qf1']:,} x 2, V "
           f"{n_params['vf']:,} parameters), {len(train_tasks)} train / {len(test_tasks)} test tasks, meta-batch "
-          f"{meta_batch}, {train_steps} gradient steps per iteration")  # fmt: skip
+          f"{meta_batch}, {train_steps} gradient steps per iteration, device {device}")  # fmt: skip
 
     iteration = start_iteration
     try:
@@ -1763,13 +1795,15 @@ if __name__ == "__main__":
             collection_seconds = time.time() - iteration_start
 
             # ALGO LOGIC: gradient steps on meta-batches of train tasks that have data
-            update_start, totals, trainable = time.time(), {}, trainable_tasks(rl_buffer, encoder_buffer)
+            update_start, total, trainable = time.time(), 0.0, trainable_tasks(rl_buffer, encoder_buffer)
             for _ in range(train_steps):
                 indices = trainable[streams.task.integers(0, len(trainable), size=meta_batch)]
-                context = encoder_buffer.sample_context(indices, embedding_batch, streams.replay)
-                batch = rl_buffer.sample_batch(indices, args.batch_size, streams.replay)
-                for key, value in learner.update(batch, context).items():
-                    totals[key] = totals.get(key, 0.0) + value / train_steps
+                context = encoder_buffer.sample_context(indices, embedding_batch, streams.replay, device)
+                batch = rl_buffer.sample_batch(indices, args.batch_size, streams.replay, device)
+                stats = learner.update(batch, context)
+                # the iteration's mean of each loss, summed on the device in float64 (as Python floats were)
+                total = total + torch.stack(list(stats.values())).double() / train_steps
+            totals = dict(zip(stats, total.tolist()))  # the update's one host sync for its logged means
             update_seconds = time.time() - update_start
             # the last gradient step's states and contexts; a stream per iteration, so a resumed run logs the same
             diagnostic_rng = np.random.default_rng([args.seed, DIAGNOSTIC_STREAM, iteration])

@@ -1261,3 +1261,48 @@ def test_the_eta_counts_variance_experiments_at_their_own_rate():
     progress.record(steps=100, seconds=101.0, variance_seconds=100.0)  # iteration 1: 1 s, and 100 s of variance
     progress.record(steps=100, seconds=3.0)  # iteration 2
     assert progress.eta_seconds(2) == pytest.approx(8 * 2.0 + 1 * 100.0)
+
+
+# --- the device: --cuda ------------------------------------------------------------------------
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def hyperparameter_texts(run_dir):
+    """The hyperparameter tables the run (and each resumption of it) logged, oldest first."""
+    events = tensorboard_events(run_dir).Tensors("hyperparameters/text_summary")
+    return [event.tensor_proto.string_val[0].decode() for event in events]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_learner_and_its_data_live_on_the_selected_device(device):
+    args = Args(policy="hyper", meta_batch_size=2, fast_batch_size=2, num_train_tasks=4, hyper_embedding_dim=16,
+                hyper_blocks=1, hyper_dynamic_hidden=8)  # fmt: skip
+    train, _ = make_task_pool(args.env_id, args.seed, args.num_train_tasks, 1)
+    fast_lr = hyper_maml.effective_fast_lr(args)
+    torch.manual_seed(0)
+    policy = make_policy(args, 17, 6, task_contexts(args.env_id, train)).to(device)
+    learner = hyper_maml.MAML(args, policy, fast_lr)
+    envs = make_task_envs(args.env_id, 4)
+    sampler = hyper_maml.MetaBatchSampler(envs, train, args)
+    tasks, pre, pre_advantages, post, inner_steps = sampler.sample(learner.policy, fast_lr)
+    stats = learner.update(tasks, pre, pre_advantages, post)
+    for env in envs:
+        env.close()
+    on_device = [*policy.parameters(), *learner.state_dict()["policy"].values(), *pre_advantages]
+    on_device += [tensor for episodes in pre + post for tensor in vars(episodes).values()]
+    assert on_device and all(tensor.device.type == device for tensor in on_device)
+    assert all(values.device.type == "cpu" and values.shape == (2,) for values in inner_steps.values())  # for logging
+    assert np.isfinite(stats["surrogate_before"]) and np.isfinite(stats["kl"])
+
+
+def test_cuda_uses_cuda_when_available_else_the_cpu_and_a_run_resumes_with_either_setting(tmp_path):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    proc = run([*TINY_RUN, "--num-batches", "1", "--checkpoint-freq", "1", "--cuda"], tmp_path)
+    assert f"device {device}" in proc.stdout.splitlines()[0]
+    checkpoint = os.path.join(only_run_dir(tmp_path), "checkpoint.pt")
+    proc = run([*TINY_RUN, "--num-batches", "2", "--no-cuda", "--resume", checkpoint], tmp_path)  # --cuda may differ
+    assert "resumed" in proc.stdout and "device cpu" in proc.stdout and "iteration 2/2" in proc.stdout
+    first, resumed = hyperparameter_texts(only_run_dir(tmp_path))
+    assert "|cuda|True|" in first and f"|device|{device}|" in first
+    assert "|cuda|False|" in resumed and "|device|cpu|" in resumed

@@ -1164,3 +1164,57 @@ def test_the_first_eta_after_iteration_1_comes_from_the_later_iterations_rate(mo
     assert "ETA from iteration 2" in lines[0]
     assert "iteration 2/10 | 2.0 s/it" in lines[1] and "ETA 0m16s" in lines[1]  # 8 iterations at 2 s
     assert "ETA 0m14s" in lines[2]
+
+
+# The device: --cuda
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def hyperparameter_texts(run_dir):
+    """The hyperparameter tables the run (and each resumption of it) logged, oldest first."""
+    events = tensorboard_events(run_dir).Tensors("hyperparameters/text_summary")
+    return [event.tensor_proto.string_val[0].decode() for event in events]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model", ["mlp", "hyper"])
+def test_the_learner_and_its_data_live_on_the_selected_device(model, device):
+    sizes = {f"hyper_{k}": v for k, v in SMALL.items()}
+    args = Args(env_id="HalfCheetahFwdBack", model=model, net_size=16, encoder_hidden=16, **sizes)
+    torch.manual_seed(0)
+    learner = hyper_pearl.PEARL(args, make_agent(args, OBS, ACT, cheetah_context(64, 0)).to(device))
+    env, rng = make_task_env("HalfCheetahFwdBack", Task(1.0)), np.random.default_rng(0)
+    rl, encoder_buffers = MultiTaskBuffer(2, OBS, ACT, 1000), MultiTaskBuffer(2, OBS, ACT, 1000)
+    for index, goal in enumerate((-1.0, 1.0)):  # rollouts with prior z, then a posterior from the encoder buffer
+        collect(env, Task(goal), learner.agent, 200, rl.tasks[index], encoder_buffers.tasks[index], add_to_encoder=True,
+                use_posterior=True, context_batch=8, rng=rng)  # fmt: skip
+    batch, context = rl.sample_batch([0, 1], 16, rng, device), encoder_buffers.sample_context([0, 1], 8, rng, device)
+    stats = learner.update(batch, context)
+    saturation_diagnostics(learner.agent, batch, context, rng)
+    evaluate(env, [Task(1.0)], learner.agent, 1, 400, 1, rng)  # posterior z from the context of the first trajectory
+    env.close()
+    state = learner.state_dict()
+    moments = [
+        value
+        for optimizer in state["optimizers"].values()
+        for param_state in optimizer["state"].values()
+        for key, value in param_state.items()
+        if key != "step"
+    ]  # Adam keeps its step count on the CPU
+    on_device = [*state["agent"].values(), *moments, *vars(batch).values(), context, *stats.values()]
+    assert moments and all(tensor.device.type == device for tensor in on_device)
+    assert all(stat.dim() == 0 and torch.isfinite(stat) for stat in stats.values())
+
+
+def test_cuda_uses_cuda_when_available_else_the_cpu_and_a_run_resumes_with_either_setting(tmp_path):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny = [*SMALL_RUN, "--model", "mlp", "--eval-freq", "0", "--checkpoint-freq", "1"]
+    proc = run([*tiny, "--num-iterations", "1", "--cuda"], tmp_path)
+    assert f"device {device}" in proc.stdout.splitlines()[0]
+    checkpoint = os.path.join(only_run_dir(tmp_path), "checkpoint.pt")
+    proc = run([*tiny, "--num-iterations", "2", "--no-cuda", "--resume", checkpoint], tmp_path)  # --cuda may differ
+    assert "resumed" in proc.stdout and "device cpu" in proc.stdout and "iteration 2/2" in proc.stdout
+    first, resumed = hyperparameter_texts(only_run_dir(tmp_path))
+    assert "|cuda|True|" in first and f"|device|{device}|" in first
+    assert "|cuda|False|" in resumed and "|device|cpu|" in resumed
