@@ -64,7 +64,7 @@ def script_process(folder):
     return None
 
 
-def wait_for_checkpoint(folder, proc, timeout=120):
+def wait_for_checkpoint(folder, proc, timeout=600):  # a guard against a hang, not a speed test
     deadline = time.time() + timeout
     while not glob.glob(os.path.join(folder, "runs", "*", "checkpoint.pt")):
         assert proc.poll() is None and time.time() < deadline, "the run never wrote a checkpoint"
