@@ -46,3 +46,17 @@ def tensorboard_events(run_dir):
 
 def scalar_tags(run_dir) -> set:
     return set(tensorboard_events(run_dir).Tags()["scalars"])
+
+
+def progress_lines_on_a_fake_clock(module, progress, monkeypatch, capsys, learning_starts=5500, steps=8000):
+    """The printed lines of `progress` driven as the training loop drives it, with learning starting between two
+    progress lines, on a clock where a random step takes 1 ms and a learning step 0.5 s."""
+    clock = [0.0]
+    monkeypatch.setattr(module, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    for step in range(1, steps + 1):
+        clock[0] += 0.001 if step <= learning_starts else 0.5
+        if step % 1000 == 0:
+            progress.print(step)
+        if step == learning_starts:
+            progress.new_phase(step)
+    return capsys.readouterr().out.splitlines()

@@ -28,7 +28,7 @@ from grad_probe import (
     set_sim_state,
 )
 from tests.envs_probe import WEIGHTS
-from tests.cli import ROOT, run_script, scalar_tags
+from tests.cli import ROOT, progress_lines_on_a_fake_clock, run_script, scalar_tags
 
 SCRIPT = os.path.join(ROOT, "grad_probe.py")
 LINEAR_ENV = "tests.envs_probe:LinearRewardEnv-v0"
@@ -501,15 +501,7 @@ def test_cli_probes_a_v5_env(tmp_path):
 def test_the_first_eta_after_learning_starts_comes_from_the_learning_rate(monkeypatch, capsys):
     """The training loop's calls to Progress, with learning starting between two progress lines, on a clock where a
     random step takes 1 ms and a learning step 0.5 s."""
-    clock = [0.0]
-    monkeypatch.setattr(grad_probe, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
     progress = grad_probe.Progress("mlp", 10_000, 0, 5500)
-    for step in range(1, 8001):
-        clock[0] += 0.001 if step <= 5500 else 0.5
-        if step % 1000 == 0:
-            progress.print(step)
-        if step == 5500:
-            progress.new_phase(step)
-    lines = capsys.readouterr().out.splitlines()
+    lines = progress_lines_on_a_fake_clock(grad_probe, progress, monkeypatch, capsys)
     assert all("ETA after learning starts" in line for line in lines[:5])  # steps 1000, ..., 5000
     assert "mlp step 6000/10000 | 2.0 steps/s | ETA 33m20s" in lines[5]  # 4000 steps at 0.5 s

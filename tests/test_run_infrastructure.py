@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.cli import ROOT, only_run_dir, run_script
+from tests.cli import ROOT, only_run_dir, progress_lines_on_a_fake_clock, run_script
 
 SCRIPTS = ["hyper_sac", "hyper_td3"]
 TINY = ["--hyper-embedding-dim", "16", "--hyper-dynamic-hidden", "8", "--hyper-init-samples", "50"]
@@ -204,16 +204,8 @@ def test_the_first_eta_after_learning_starts_comes_from_the_learning_rate(script
     """The training loop's calls to Progress, with learning starting between two progress lines, on a clock where a
     random step takes 1 ms and a learning step 0.5 s."""
     module = importlib.import_module(script)
-    clock = [0.0]
-    monkeypatch.setattr(module, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
     progress = module.Progress(10_000, 0, 5500)
-    for step in range(1, 8001):
-        clock[0] += 0.001 if step <= 5500 else 0.5
-        if step % 1000 == 0:
-            progress.print(step)
-        if step == 5500:
-            progress.new_phase(step)
-    lines = capsys.readouterr().out.splitlines()
+    lines = progress_lines_on_a_fake_clock(module, progress, monkeypatch, capsys)
     assert all("ETA after learning starts" in line for line in lines[:5])  # steps 1000, ..., 5000
     assert "step 6000/10000 | 2.0 steps/s | ETA 33m20s" in lines[5]  # 4000 steps at 0.5 s
     assert "step 8000/10000 | 2.0 steps/s | ETA 16m40s" in lines[7]
