@@ -679,7 +679,7 @@ class TD3:
         if self.critic_updates % args.policy_frequency == 0:  # delayed actor and target updates (TD3 paper Sec. 5.2)
             actor_loss = td3_actor_loss(self.actor, self.qf1, obs)
             guarded_step(self.actor_optimizer, actor_loss, "actor", actor_loss=actor_loss)
-            self.last_actor_loss = actor_loss.item()
+            self.last_actor_loss = actor_loss.detach()  # stays on the device; read only when logged
             polyak_update(self.actor, self.actor_target, args.tau)
             polyak_update(self.qf1, self.qf1_target, args.tau)
             polyak_update(self.qf2, self.qf2_target, args.tau)
@@ -687,7 +687,7 @@ class TD3:
         metrics = {"qf1_values": qf1_values.mean(), "qf2_values": qf2_values.mean(), "qf1_loss": qf1_loss,
                    "qf2_loss": qf2_loss, "qf_loss": (qf1_loss + qf2_loss) / 2.0}  # fmt: skip
         if self.last_actor_loss is not None:
-            metrics["actor_loss"] = torch.tensor(self.last_actor_loss)
+            metrics["actor_loss"] = self.last_actor_loss
         return metrics
 
     def models(self) -> dict:
@@ -716,10 +716,16 @@ class ReplayBuffer:
 
     def sample(self, batch_size, device):
         idx = self.rng.integers(0, self.size, size=batch_size)
-        return [
-            torch.as_tensor(a[idx], device=device)
-            for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminations)
-        ]
+        arrays = (self.obs, self.actions, self.rewards, self.next_obs, self.terminations)
+        if torch.device(device).type != "cuda":
+            return [torch.as_tensor(a[idx], device=device) for a in arrays]
+        # one pinned staging buffer and one asynchronous copy: the host does not wait for the device
+        sizes = [batch_size * a.shape[1] for a in arrays]
+        staging = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=True)
+        for a, part in zip(arrays, staging.split(sizes)):
+            a.take(idx, axis=0, out=part.numpy().reshape(batch_size, a.shape[1]))
+        batch = staging.to(device, non_blocking=True)
+        return [part.view(batch_size, a.shape[1]) for a, part in zip(arrays, batch.split(sizes))]
 
 
 def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device) -> list:
@@ -1068,12 +1074,14 @@ class NonFinite(Exception):
 
 def guarded_step(optimizer: optim.Optimizer, loss: torch.Tensor, name: str, **losses: torch.Tensor) -> None:
     """zero_grad, backward, step, with the run's guard: the named losses must be finite before the step (so a NaN
-    never reaches the weights) and every weight the optimizer owns must be finite after it."""
-    for loss_name, value in losses.items():
-        if not torch.isfinite(value).all():
-            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
+    never reaches the weights) and every weight the optimizer owns must be finite after it. One host sync per check;
+    the losses are checked once backward is queued, so that on a GPU the backward runs while the host waits."""
     optimizer.zero_grad()
     loss.backward()
+    finite = torch.stack([torch.isfinite(value).all() for value in losses.values()]).tolist()
+    for (loss_name, value), ok in zip(losses.items(), finite):
+        if not ok:
+            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
     optimizer.step()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():

@@ -551,7 +551,7 @@ class SAC:
     def update(self, obs, actions, rewards, next_obs, terminations) -> dict:
         """Critic, actor and (with autotune) alpha steps on one minibatch, then the target update; returns the
         losses and values for logging."""
-        args, alpha = self.args, self.log_alpha.exp().item()
+        args, alpha = self.args, self.log_alpha.detach().exp()  # a tensor: .item() would wait for the device
         with torch.no_grad():
             next_actions, next_log_prob, _ = self.actor.get_action(next_obs)
             next_q1, next_q2 = self.qf1_target(next_obs, next_actions), self.qf2_target(next_obs, next_actions)
@@ -613,10 +613,16 @@ class ReplayBuffer:
 
     def sample(self, batch_size, device):
         idx = self.rng.integers(0, self.size, size=batch_size)
-        return [
-            torch.as_tensor(a[idx], device=device)
-            for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminations)
-        ]
+        arrays = (self.obs, self.actions, self.rewards, self.next_obs, self.terminations)
+        if torch.device(device).type != "cuda":
+            return [torch.as_tensor(a[idx], device=device) for a in arrays]
+        # one pinned staging buffer and one asynchronous copy: the host does not wait for the device
+        sizes = [batch_size * a.shape[1] for a in arrays]
+        staging = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=True)
+        for a, part in zip(arrays, staging.split(sizes)):
+            a.take(idx, axis=0, out=part.numpy().reshape(batch_size, a.shape[1]))
+        batch = staging.to(device, non_blocking=True)
+        return [part.view(batch_size, a.shape[1]) for a, part in zip(arrays, batch.split(sizes))]
 
     def state_dict(self):
         arrays = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in self.FIELDS}
@@ -864,12 +870,14 @@ class NonFinite(Exception):
 
 def guarded_step(optimizer: optim.Optimizer, loss: torch.Tensor, name: str, **losses: torch.Tensor) -> None:
     """zero_grad, backward, step, with the run's guard: the named losses must be finite before the step (so a NaN
-    never reaches the weights) and every weight the optimizer owns must be finite after it."""
-    for loss_name, value in losses.items():
-        if not torch.isfinite(value).all():
-            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
+    never reaches the weights) and every weight the optimizer owns must be finite after it. One host sync per check;
+    the losses are checked once backward is queued, so that on a GPU the backward runs while the host waits."""
     optimizer.zero_grad()
     loss.backward()
+    finite = torch.stack([torch.isfinite(value).all() for value in losses.values()]).tolist()
+    for (loss_name, value), ok in zip(losses.items(), finite):
+        if not ok:
+            raise NonFinite(f"non-finite {loss_name} ({value.item()})")
     optimizer.step()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():

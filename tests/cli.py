@@ -1,5 +1,6 @@
 """Helpers of the end-to-end tests: run a script through its CLI and find the run directory it wrote."""
 
+import collections
 import glob
 import os
 import subprocess
@@ -60,3 +61,24 @@ def progress_lines_on_a_fake_clock(module, progress, monkeypatch, capsys, learni
         if step == learning_starts:
             progress.new_phase(step)
     return capsys.readouterr().out.splitlines()
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+
+
+def count_host_reads(monkeypatch, module) -> collections.Counter:
+    """From now on, count by name the calls of the tensor methods that bring a value to the host (on a GPU, each one
+    waits for the device) made by `module`'s own code, not by torch's: `if t.all(): ...` counts one "__bool__"."""
+    import torch
+
+    counts = collections.Counter()
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename == module.__file__:
+                counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts

@@ -28,7 +28,7 @@ from grad_probe import (
     set_sim_state,
 )
 from tests.envs_probe import WEIGHTS
-from tests.cli import ROOT, progress_lines_on_a_fake_clock, run_script, scalar_tags
+from tests.cli import ROOT, count_host_reads, progress_lines_on_a_fake_clock, run_script, scalar_tags
 
 SCRIPT = os.path.join(ROOT, "grad_probe.py")
 LINEAR_ENV = "tests.envs_probe:LinearRewardEnv-v0"
@@ -405,6 +405,20 @@ def test_a_critic_step_that_makes_the_weights_non_finite_stops_the_same_update()
     batch = [torch.zeros(4, 2), torch.ones(4, 2), torch.ones(4, 1), torch.zeros(4, 2), torch.zeros(4, 1)]
     with pytest.raises(grad_probe.NonFinite, match="non-finite weights after the critic step"):
         agent.update(*batch)
+
+
+def test_an_update_reads_nothing_on_the_host_but_the_guards_two_checks_per_step(monkeypatch):
+    """On a GPU every read on the host waits for the device: per optimizer step (critic, and actor every
+    --policy-frequency updates) one check of its losses and one of its weights, and nothing else (the actor loss
+    stays a tensor until it is logged)."""
+    args = Args(env_id=LINEAR_ENV, batch_size=4, policy_frequency=2)
+    agent = grad_probe.TD3(args, "mlp", 2, 2, np.array([-3.0, 0.0]), np.array([3.0, 2.0]), None, "cpu")
+    batch = [torch.zeros(4, 2), torch.ones(4, 2), torch.ones(4, 1), torch.zeros(4, 2), torch.zeros(4, 1)]
+    reads = count_host_reads(monkeypatch, grad_probe)
+    for steps in (1, 2, 1, 2):  # critic only, then critic and actor
+        reads.clear()
+        agent.update(*batch)
+        assert reads == {"tolist": steps, "__bool__": steps}
 
 
 def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_results(tmp_path):

@@ -14,7 +14,7 @@ import hyper_sac
 from hyper_sac import Actor, Args, HyperCritic, make_critic
 from functools import partial
 
-from tests.cli import ROOT, only_run_dir, run_script, scalar_tags
+from tests.cli import ROOT, count_host_reads, only_run_dir, run_script, scalar_tags
 
 SCRIPT = os.path.join(ROOT, "hyper_sac.py")
 CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
@@ -189,6 +189,21 @@ def test_frozen_critic_actor_update_equals_the_naive_one(critic):
         torch.testing.assert_close(a, b)
     assert all(p.grad is None for p in [*qf1.parameters(), *qf2.parameters()])
     assert all(p.requires_grad for p in qf1.parameters())  # restored after the block
+
+
+@pytest.mark.parametrize("autotune", [True, False])
+def test_an_update_reads_nothing_on_the_host_but_the_guards_two_checks_per_step(autotune, monkeypatch):
+    """On a GPU every read on the host waits for the device: per optimizer step (critic, actor and, with autotune,
+    alpha) one check of its losses and one of its weights, and nothing else (alpha stays a tensor)."""
+    torch.manual_seed(0)
+    agent = hyper_sac.SAC(Args(critic="mlp", autotune=autotune), 3, 2, -np.ones(2), np.ones(2), None, "cpu")
+    batch = [torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.randn(8, 1), torch.randn(8, 3), torch.zeros(8, 1)]
+    steps = 3 if autotune else 2
+    reads = count_host_reads(monkeypatch, hyper_sac)
+    for _ in range(2):
+        reads.clear()
+        agent.update(*batch)
+        assert reads == {"tolist": steps, "__bool__": steps}
 
 
 def test_replay_buffer_round_trips_through_its_state_dict():

@@ -9,7 +9,7 @@ import hyper_td3
 from hyper_td3 import Actor, Args, HyperCritic, make_critic
 from functools import partial
 
-from tests.cli import ROOT, only_run_dir, run_script, scalar_tags
+from tests.cli import ROOT, count_host_reads, only_run_dir, run_script, scalar_tags
 
 SCRIPT = os.path.join(ROOT, "hyper_td3.py")
 CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
@@ -185,6 +185,20 @@ def test_actor_steps_are_every_policy_frequency_critic_updates():
     assert [n for n in range(1, 13) if hyper_td3.is_actor_step(n, 2)] == [2, 4, 6, 8, 10, 12]
     assert [n for n in range(1, 13) if hyper_td3.is_actor_step(n, 3)] == [3, 6, 9, 12]
     assert all(hyper_td3.is_actor_step(n, 1) for n in range(1, 13))
+
+
+def test_an_update_reads_nothing_on_the_host_but_the_guards_two_checks_per_step(monkeypatch):
+    """On a GPU every read on the host waits for the device: per optimizer step (critic, and actor every
+    --policy-frequency updates) one check of its losses and one of its weights, and nothing else (the actor loss
+    stays a tensor until it is logged)."""
+    torch.manual_seed(0)
+    agent = hyper_td3.TD3(Args(critic="mlp", policy_frequency=2), 4, 2, LOW, HIGH, None, "cpu")
+    batch = [torch.randn(8, 4), torch.rand(8, 2), torch.randn(8, 1), torch.randn(8, 4), torch.zeros(8, 1)]
+    reads = count_host_reads(monkeypatch, hyper_td3)
+    for steps in (1, 2, 1, 2):  # critic only, then critic and actor
+        reads.clear()
+        agent.update(*batch)
+        assert reads == {"tolist": steps, "__bool__": steps}
 
 
 class HugeConstantCritic(torch.nn.Module):
