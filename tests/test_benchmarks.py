@@ -5,6 +5,8 @@ import importlib.util
 import math
 import os
 import re
+import shlex
+import sys
 
 import pytest
 import tyro
@@ -19,11 +21,23 @@ TINY_MAML = ["--meta-batch-size", "2", "--fast-batch-size", "2", "--hyper-embedd
              "--hyper-dynamic-hidden", "8", "--hidden-sizes", "8", "8"]  # fmt: skip
 
 
-def run_benchmark(name: str, argv: list, capsys) -> str:
-    """python benchmarks/{name}.py *argv, in this process; returns its stdout."""
+TINY_ROOFLINE = ["--threads", "1", "--repeats", "1", "--warmup", "0", "--peak-size", "64", "--peak-repeats", "2",
+                 "--hyper-embedding-dim", "16", "--hyper-blocks", "1", "--hyper-dynamic-hidden", "8", "--batch-size", "8",
+                 "--pearl-meta-batch", "2", "--pearl-context", "8", "--maml-meta-batch", "2", "--maml-episodes", "2",
+                 "--maml-episode-length", "10"]  # fmt: skip
+
+
+def load_benchmark(name: str):
+    """benchmarks/{name}.py as a module (its main does not run)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmark(name: str, argv: list, capsys) -> str:
+    """python benchmarks/{name}.py *argv, in this process; returns its stdout."""
+    module = load_benchmark(name)
     capsys.readouterr()
     module.main(tyro.cli(module.Bench, args=argv))
     return capsys.readouterr().out
@@ -72,3 +86,49 @@ def test_maml_inner_kl_reports_the_step_and_its_parts(capsys):
     assert re.search(r"^TRPO step: line-search steps -?\d+, mean KL \S+, \|theta change\| \S+", out, re.MULTILINE)
     out = run_benchmark("maml_inner_kl", [*TINY_MAML, "--policy", "vanilla"], capsys)
     assert "primary only" not in out and re.search(r"^mean \|mu\| / vanilla's on the same states: 1$", out, re.M)
+
+
+def table_rows(stdout: str, header: str) -> dict:
+    """The rows under the table header line `header`, up to the next blank line: first column -> the other columns."""
+    lines = stdout.split(header + "\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return {row.split(" | ")[0]: row.split(" | ")[1:] for row in lines}
+
+
+def test_roofline_prints_a_row_per_update(capsys):
+    out = run_benchmark("roofline", TINY_ROOFLINE, capsys)
+    updates = ["sac", "td3", "grad_probe", "pearl", "maml"]
+    roofline = table_rows(out, "update | threads | GFLOP | ms | GFLOP/s | peak GFLOP/s | time / roofline")
+    breakdown = table_rows(out, "update | threads | matmul ms | matmul GFLOP/s | Adam ms | Polyak ms | other ms")
+    assert list(roofline) == updates and list(breakdown) == updates, out
+    for name in updates:
+        threads, *values = roofline[name]
+        assert threads == "1" and all(float(v) > 0 and math.isfinite(float(v)) for v in values), roofline[name]
+        gflop, ms, _, peak, ratio = map(float, values)
+        assert ratio == pytest.approx(ms / 1000 / (gflop / peak), rel=0.02)  # time / roofline time
+        matmul_ms, _, adam_ms, polyak_ms, _ = map(float, breakdown[name][1:])
+        assert matmul_ms > 0 and (adam_ms > 0) == (name != "maml") and polyak_ms >= 0  # MAML: TRPO, no Adam
+    for name in ("sac", "td3", "grad_probe"):  # the hand formula agrees with FlopCounterMode
+        assert re.search(rf"^{name}: .* hand formula \S+ \(x1\.0000\)$", out, re.MULTILINE), out
+    assert re.search(r"^maml: .*(line search accepted step \d+|no step taken)", out, re.MULTILINE), out
+
+
+@pytest.mark.parametrize("embedding_dim, blocks, hidden, batch", [(16, 1, 8, 8), (128, 2, 32, 5)])
+def test_roofline_hand_flops_match_flop_counter(embedding_dim, blocks, hidden, batch):
+    roofline = load_benchmark("roofline")
+    bench = roofline.Bench(hyper_embedding_dim=embedding_dim, hyper_blocks=blocks, hyper_dynamic_hidden=hidden,
+                           batch_size=batch)  # fmt: skip
+    for name in ("sac", "td3", "grad_probe"):
+        workload = roofline.BUILDERS[name](bench)
+        assert workload.hand_flops == pytest.approx(roofline.counted_flops(workload), rel=1e-3), name
+
+
+def test_roofline_times_commands_in_alternating_pairs(capsys):
+    quick = shlex.join([sys.executable, "-c", "pass"])
+    slow = shlex.join([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    out = run_benchmark("roofline", ["--only", "--ours-cmd", quick, "--baseline-cmd", slow, "--pairs", "2"], capsys)
+    runs = re.findall(r"^pair (\d): (ours|baseline) [\d.]+ s$", out, re.MULTILINE)
+    assert runs == [("1", "ours"), ("1", "baseline"), ("2", "baseline"), ("2", "ours")], out
+    assert float(re.search(r"baseline / ours (\S+)$", out, re.MULTILINE).group(1)) > 1
+    failing = shlex.join([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(SystemExit, match="exited with 3"):
+        run_benchmark("roofline", ["--only", "--ours-cmd", quick, "--baseline-cmd", failing, "--pairs", "1"], capsys)
