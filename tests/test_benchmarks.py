@@ -1,6 +1,7 @@
 """Smoke tests of the measurement scripts in benchmarks/ whose numbers the docs quote, at tiny sizes. Each runs the
 script's CLI and main in this process (a subprocess would spend most of its time importing torch and MuJoCo)."""
 
+import glob
 import importlib.util
 import math
 import os
@@ -8,11 +9,12 @@ import re
 import shlex
 import sys
 
+import numpy as np
 import pytest
 import tyro
 
 import hyper_pearl
-from tests.cli import ROOT
+from tests.cli import ROOT, run_script
 
 TINY_PEARL = ["--transitions", "300", "--steps", "1", "2", "--batch-size", "16", "--embedding-batch-size", "32",
               "--probe-z", "4", "--probe-states", "4", "--probe-actions", "4", "--hyper-embedding-dim", "16",
@@ -132,3 +134,26 @@ def test_roofline_times_commands_in_alternating_pairs(capsys):
     failing = shlex.join([sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(SystemExit, match="exited with 3"):
         run_benchmark("roofline", ["--only", "--ours-cmd", quick, "--baseline-cmd", failing, "--pairs", "1"], capsys)
+
+
+def test_critic_bias_returns_to_go_per_episode():
+    """Two episodes: one terminated (exact return-to-go), one cut by a time limit (next state not the following
+    state; not exact), then an unfinished one at the end of the buffer."""
+    critic_bias = load_benchmark("critic_bias")
+    obs = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [20.0]], dtype=np.float32)
+    next_obs = np.array([[1.0], [2.0], [3.0], [11.0], [12.0], [21.0]], dtype=np.float32)
+    rb = {"obs": obs, "next_obs": next_obs, "rewards": np.array([[1.0], [2.0], [4.0], [1.0], [1.0], [5.0]]),
+          "terminations": np.array([[0.0], [0.0], [1.0], [0.0], [0.0], [0.0]])}  # fmt: skip
+    g, exact = critic_bias.returns_to_go(rb, gamma=0.5)
+    np.testing.assert_allclose(g, [1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4, 1 + 0.5 * 1, 1, 5])
+    assert exact.tolist() == [True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("script", ["hyper_sac.py", "hyper_td3.py"])
+def test_critic_bias_reads_a_checkpoint(script, tmp_path, capsys):
+    run_script(os.path.join(ROOT, script), ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--learning-starts",
+               "200", "--batch-size", "16", "--eval-freq", "0", "--hyper-embedding-dim", "16",
+               "--hyper-dynamic-hidden", "8", "--hyper-init-samples", "50", "--checkpoint-freq", "400"], tmp_path)  # fmt: skip
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    out = run_benchmark("critic_bias", [checkpoint, "--range-states", "4", "--action-samples", "3"], capsys)
+    assert re.search(r"step 400, \d+ transitions \| MC .* bias .* Q\(s, pi\) - Q\(s, a\) .* range .* \|Q1 - Q2\|", out)
