@@ -196,6 +196,9 @@ class Args:
     hyper_embedding_norm: float = 8.0
     """--hyper-init pytorch: rms norm of the primary network's embedding over the first states; sets how far one
     Adam step moves the generated weights (8: as far as with the released constants)"""
+    hyper_weight_scale: float = 1.0
+    """--hyper-init pytorch: generated weights and biases start at this multiple of nn.Linear's default scale on
+    the first states (1: nn.Linear's)"""
     hyper_init_samples: int = 1000
     """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init pytorch"""
 
@@ -338,14 +341,14 @@ def q_at_actions(qf: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> tor
 
 
 def init_hypernetwork(
-    critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0
+    critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0, weight_scale: float = 1.0
 ) -> None:
     """pytorch (default; derivation in hyper_td3.py): the generated weights and biases have, on average over
     `meta_samples`, the statistics of PyTorch's default nn.Linear init U(+-1/sqrt(n)), and every gain starts at 1.
     Primary layers keep PyTorch's default init, with the last stage rescaled (projection and its biases, exact for a
-    ReLU stage) to embedding rms norm `embedding_norm`; weight and bias heads U(+-1/(sqrt(n) embedding_norm)); gain
-    heads and head biases zero. authors: the released TD3 constants (primary U(+-1/(2 sqrt(fan_in))), head weights
-    U(+-0.05) / U(+-0.008), head biases 0)."""
+    ReLU stage) to embedding rms norm `embedding_norm`; weight and bias heads U(+-weight_scale/(sqrt(n) embedding_norm))
+    (`weight_scale` multiplies every generated weight and bias); gain heads and head biases zero. authors: the released
+    TD3 constants (primary U(+-1/(2 sqrt(fan_in))), head weights U(+-0.05) / U(+-0.008), head biases 0)."""
     with torch.no_grad():
         if scheme == "authors":
             for module in critic.primary.modules():
@@ -368,7 +371,7 @@ def init_hypernetwork(
             if isinstance(module, nn.Linear):
                 module.bias.mul_(embedding_norm / norm)
         for head in critic.heads:
-            bound = 1.0 / (np.sqrt(head.fan_in) * embedding_norm)
+            bound = weight_scale / (np.sqrt(head.fan_in) * embedding_norm)
             for fc in (head.weight, head.bias):
                 nn.init.uniform_(fc.weight, -bound, bound)
             nn.init.zeros_(head.gain.weight)
@@ -409,7 +412,13 @@ def make_critic(
     )
     if meta_samples is None:
         meta_samples = torch.randn(256, obs_dim if meta_is_state else act_dim)
-    init_hypernetwork(q, config["hyper_init"], meta_samples, config.get("hyper_embedding_norm", 8.0))
+    init_hypernetwork(
+        q,
+        config["hyper_init"],
+        meta_samples,
+        config.get("hyper_embedding_norm", 8.0),
+        config.get("hyper_weight_scale", 1.0),
+    )
     return q
 
 
@@ -993,7 +1002,7 @@ def check_args(args: Args) -> None:
              f"--learning-starts {args.learning_starts}")  # fmt: skip
     if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
         fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
-    for name in ["policy_lr", "q_lr", "hyper_embedding_norm"]:
+    for name in ["policy_lr", "q_lr", "hyper_embedding_norm", "hyper_weight_scale"]:
         value = getattr(args, name)
         if value is not None and not value > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -189,6 +189,9 @@ class Args:
     hyper_embedding_norm: float = 8.0
     """with --hyper-init pytorch: rms norm of the embedding on the first states; sets how far an Adam step moves
     the generated weights (8: as far as with the released constants)"""
+    hyper_weight_scale: float = 1.0
+    """with --hyper-init pytorch: generated weights and biases start at this multiple of nn.Linear's default scale
+    on the first states (1: nn.Linear's)"""
     hyper_init_samples: int = 1000
     """meta-variable samples (random-action states, or random actions for as-hyper) used by --hyper-init pytorch"""
     mlp_large_width: int = 2900
@@ -298,7 +301,7 @@ class HyperCritic(nn.Module):
 
 
 def init_hypernetwork(
-    critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0
+    critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0, weight_scale: float = 1.0
 ) -> None:
     """Initialize the primary network and heads.
 
@@ -312,7 +315,8 @@ def init_hypernetwork(
        projection and every bias in it by c > 0 scales its output by exactly c.
     2. Weight and bias heads: weights U(+-h), biases 0. A generated weight is W_ij = sum_k H_ijk e_k, so over
        states E[W_ij^2] = (h^2 / 3) E|e|^2, and h = 1 / (sqrt(n) * embedding_norm) gives 1 / (3n), the
-       variance of U(+-1/sqrt(n)). The generated biases b(s) are random and state-dependent; with zero
+       variance of U(+-1/sqrt(n)). `weight_scale` multiplies h, and so every generated weight and bias, by
+       that factor (1: nn.Linear's scale). The generated biases b(s) are random and state-dependent; with zero
        biases Q(s, .) would be positively homogeneous in the action, its maximum over the action box on
        the boundary, and a deterministic actor would be pulled to the action bounds from the start.
     3. Gain heads start at zero: every gain 1 + g(s) starts at exactly 1.
@@ -346,7 +350,7 @@ def init_hypernetwork(
             if isinstance(module, nn.Linear):
                 module.bias.mul_(embedding_norm / norm)
         for head in critic.heads:
-            bound = 1.0 / (np.sqrt(head.fan_in) * embedding_norm)
+            bound = weight_scale / (np.sqrt(head.fan_in) * embedding_norm)
             for fc in (head.weight, head.bias):
                 nn.init.uniform_(fc.weight, -bound, bound)
             nn.init.zeros_(head.gain.weight)
@@ -430,7 +434,7 @@ def make_critic(args: Args, obs_dim: int, act_dim: int, meta_samples: Optional[t
         )
         if meta_samples is None:
             meta_samples = torch.randn(256, obs_dim if meta_is_state else act_dim)
-        init_hypernetwork(critic, args.hyper_init, meta_samples, args.hyper_embedding_norm)
+        init_hypernetwork(critic, args.hyper_init, meta_samples, args.hyper_embedding_norm, args.hyper_weight_scale)
         return critic
     if args.critic == "resnet-features":
         return ResNetFeaturesCritic(obs_dim, act_dim, args.hyper_embedding_dim, args.hyper_blocks)
@@ -750,7 +754,7 @@ def check_args(args: Args) -> None:
         )
     if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
         fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
-    for name in ["policy_lr", "q_lr", "hyper_embedding_norm"]:
+    for name in ["policy_lr", "q_lr", "hyper_embedding_norm", "hyper_weight_scale"]:
         value = getattr(args, name)
         if value is not None and not value > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")

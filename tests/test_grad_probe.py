@@ -464,6 +464,8 @@ def error_line_of(call, capsys):
         ({"probe_sigma": float("nan")}, "--probe-sigma must be a finite number"),
         ({"policy_lr": float("inf")}, "--policy-lr must be a finite number"),
         ({"q_lr": 1e38}, "--q-lr must be below 3.4e37"),
+        ({"hyper_weight_scale": 0.0}, "--hyper-weight-scale must be positive"),
+        ({"hyper_weight_scale": float("inf")}, "--hyper-weight-scale must be a finite number"),
         ({"exp_name": "a/b"}, "--exp-name must be a plain name"),
     ],
 )

@@ -81,6 +81,34 @@ def test_embedding_has_the_set_norm_on_the_calibration_states_and_close_to_it_on
             assert norm_on(others) == pytest.approx(norm, rel=0.15)
 
 
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
+def test_weight_scale_scales_the_generated_weights_and_biases_and_nothing_else(script):
+    calibration = cheetah(1000, 200)[0]
+    critics = {}
+    for scale in (1.0, 0.25):
+        torch.manual_seed(0)
+        critics[scale] = build(script, calibration, hyper_embedding_dim=256, hyper_weight_scale=scale)
+    with torch.no_grad():
+        for (w, b, g), (w_scaled, b_scaled, g_scaled) in zip(
+            critics[1.0].dynamic_weights(calibration), critics[0.25].dynamic_weights(calibration)
+        ):
+            assert rms(w_scaled) == pytest.approx(0.25 * rms(w), rel=1e-5)
+            assert rms(b_scaled) == pytest.approx(0.25 * rms(b), rel=1e-5)
+            assert torch.equal(g_scaled, g)  # every gain still starts at exactly 1
+        assert torch.equal(critics[0.25].primary(calibration), critics[1.0].primary(calibration))  # the embedding
+    scaled = critics[0.25].state_dict()
+    for name, tensor in critics[1.0].state_dict().items():
+        if name.startswith("primary.") or ".gain." in name:  # the primary network and the gain heads
+            assert torch.equal(scaled[name], tensor), name
+    authors = {}  # no effect with the authors' constants
+    for scale in (1.0, 0.25):
+        torch.manual_seed(0)
+        authors[scale] = build(script, calibration, hyper_embedding_dim=256, hyper_init="authors",
+                               hyper_weight_scale=scale)  # fmt: skip
+    for name, tensor in authors[1.0].state_dict().items():
+        assert torch.equal(authors[0.25].state_dict()[name], tensor), name
+
+
 @pytest.mark.parametrize("script", [hyper_sac, hyper_td3], ids=lambda s: s.__name__)
 def test_logged_embedding_rms_is_the_embeddings_rms_norm_of_the_meta_variable(script):
     torch.manual_seed(0)

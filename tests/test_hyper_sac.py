@@ -332,6 +332,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["--batch-size", "512", "--buffer-size", "256"], "larger than --buffer-size"),
         (["--hyper-embedding-dim", "30"], "multiple of 4"),
         (["--hyper-embedding-norm", "nan"], "--hyper-embedding-norm must be a finite number"),
+        (["--hyper-weight-scale", "0"], "--hyper-weight-scale must be positive"),
+        (["--hyper-weight-scale", "inf"], "--hyper-weight-scale must be a finite number"),
         (["--total-timesteps", "0"], "--total-timesteps must be positive"),
         (["--resume", "missing.pt"], "cannot load missing.pt: no such file"),
         (["--eval-model", "missing.cleanrl_model"], "cannot load missing.cleanrl_model: no such file"),

@@ -425,6 +425,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["--batch-size", "512", "--buffer-size", "256"], "larger than --buffer-size"),
         (["--hyper-embedding-dim", "30"], "multiple of 4"),
         (["--hyper-embedding-norm", "-1"], "--hyper-embedding-norm must be positive"),
+        (["--hyper-weight-scale", "0"], "--hyper-weight-scale must be positive"),
+        (["--hyper-weight-scale", "nan"], "--hyper-weight-scale must be a finite number"),
         (["--total-timesteps", "0"], "--total-timesteps must be positive"),
         (["--policy-frequency", "0"], "--policy-frequency must be positive"),
         (["--noise-clip", "-0.5"], "--noise-clip must be >= 0"),
