@@ -190,9 +190,9 @@ class Args:
     """residual blocks per stage of the primary network (paper: 2)"""
     hyper_dynamic_hidden: int = 256
     """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
-    hyper_init: Literal["pytorch", "authors"] = "pytorch"
-    """pytorch: generated weights and biases match PyTorch's default nn.Linear init on average over the first
-    states, gains 1 (paper Sec. 2); authors: the released TD3 code's constants"""
+    hyper_init: Literal["authors", "pytorch"] = "authors"
+    """authors: the released TD3 code's constants, with which the paper's critic lr was tuned; pytorch: generated
+    weights and biases match PyTorch's default nn.Linear init on average over the first states, gains 1"""
     hyper_embedding_norm: float = 8.0
     """--hyper-init pytorch: rms norm of the primary network's embedding over the first states; sets how far one
     Adam step moves the generated weights (8: as far as with the released constants)"""
@@ -343,12 +343,13 @@ def q_at_actions(qf: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> tor
 def init_hypernetwork(
     critic: HyperCritic, scheme: str, meta_samples: torch.Tensor, embedding_norm: float = 8.0, weight_scale: float = 1.0
 ) -> None:
-    """pytorch (default; derivation in hyper_td3.py): the generated weights and biases have, on average over
-    `meta_samples`, the statistics of PyTorch's default nn.Linear init U(+-1/sqrt(n)), and every gain starts at 1.
-    Primary layers keep PyTorch's default init, with the last stage rescaled (projection and its biases, exact for a
-    ReLU stage) to embedding rms norm `embedding_norm`; weight and bias heads U(+-weight_scale/(sqrt(n) embedding_norm))
-    (`weight_scale` multiplies every generated weight and bias); gain heads and head biases zero. authors: the released
-    TD3 constants (primary U(+-1/(2 sqrt(fan_in))), head weights U(+-0.05) / U(+-0.008), head biases 0)."""
+    """pytorch (derivation in hyper_td3.py): the generated weights and biases have, on average over `meta_samples`,
+    the statistics of PyTorch's default nn.Linear init U(+-1/sqrt(n)), and every gain starts at 1. Primary layers
+    keep PyTorch's default init, with the last stage rescaled (projection and its biases, exact for a ReLU stage) to
+    embedding rms norm `embedding_norm`; weight and bias heads U(+-weight_scale/(sqrt(n) embedding_norm))
+    (`weight_scale` multiplies every generated weight and bias); gain heads and head biases zero. authors (default):
+    the released TD3 constants (primary U(+-1/(2 sqrt(fan_in))), head weights U(+-0.05) / U(+-0.008), head biases
+    0)."""
     with torch.no_grad():
         if scheme == "authors":
             for module in critic.primary.modules():

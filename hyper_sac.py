@@ -47,12 +47,13 @@ CleanRL; `--hyper-init authors --alpha 1.0 --no-autotune --learning-starts 1000`
 - Their deterministic evaluation uses the pre-tanh mean (clipped by the env); we use tanh(mean).
 - Their log-prob has no log(action_scale) term and never adds the action bias; we do both.
 - Initialization: the paper initializes the primary network so that the generated dynamic weights
-  resemble, on average, Kaiming-uniform. `--hyper-init pytorch` (default) makes the generated weights AND
-  biases match PyTorch's default nn.Linear init on the states the critic first sees, gains 1, with the
-  embedding scaled so that an Adam step at lr 5e-5 moves them as far as the released constants do
-  (derivation at `init_hypernetwork`). The released constants (primary U(+-1/sqrt(2 fan_in)), heads
-  U(+-0.05) and U(+-0.008)) come close to that on HalfCheetah states but not on other tasks, and make the
-  gains random; `--hyper-init authors` reproduces them.
+  resemble, on average, Kaiming-uniform, and tunes the critic lr 5e-5 on the released code's init. The
+  default `--hyper-init authors` is that init, the released constants (primary U(+-1/sqrt(2 fan_in)), heads
+  U(+-0.05) and U(+-0.008)): the generated network's scale then follows the task's state scale (close to
+  nn.Linear's default on HalfCheetah, about 4x smaller on Hopper). `--hyper-init pytorch` instead matches
+  nn.Linear's default on every task, with the embedding scaled so that an Adam step moves the generated
+  weights as far as the released constants do on HalfCheetah (derivation at `init_hypernetwork`); on
+  Hopper-v4 its Q-values outgrow the MLP's and the released init's (docs/hyper_sac.md).
 - Baselines: their ResNet-Features projects the 1024-d embedding to 10 dims before the MLP and several
   of their baseline classes crash as released; ours feed the full embedding (the paper's wording) and
   all run. MLP-Small / MLP-Large do not exist in their code; we build them from the paper's sizes.
@@ -172,9 +173,9 @@ class Args:
     """residual blocks per stage of the primary network (paper: 2)"""
     hyper_dynamic_hidden: int = 256
     """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
-    hyper_init: Literal["pytorch", "authors"] = "pytorch"
-    """pytorch: generated weights and biases like nn.Linear's default init on the first states (paper Sec. 2);
-    authors: the released code's constants"""
+    hyper_init: Literal["authors", "pytorch"] = "authors"
+    """authors: the released code's constants, with which the paper's critic lr was tuned; pytorch: generated
+    weights and biases like nn.Linear's default init on the first states, on every task"""
     hyper_embedding_norm: float = 8.0
     """with --hyper-init pytorch: rms norm of the embedding on the first states; sets how far an Adam step moves
     the generated weights (8: as far as with the released constants)"""
@@ -294,7 +295,7 @@ def init_hypernetwork(
 ) -> None:
     """Initialize the primary network and heads.
 
-    pytorch (default). The paper (Sec. 2) initializes the primary network so that "the initial dynamic
+    pytorch. The paper (Sec. 2) initializes the primary network so that "the initial dynamic
     weights distribution resembles, on average, Kaiming-uniform". We take that to be PyTorch's default
     nn.Linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(n)) for weights AND biases (n = fan-in), the
     init of every MLP critic here, and match it on `meta_samples`, the meta variables the critic first
@@ -314,8 +315,9 @@ def init_hypernetwork(
     head bounds h are the released code's constants (0.05 at n = 6, 0.008 at n = 256), where the paper's
     critic lr 5e-5 was tuned, so the relative step per update matches theirs.
 
-    authors: the released SAC code's constants: primary weights U(+-1/sqrt(2 fan_in)) with PyTorch's
-    default biases, every head weight U(+-0.05) (first layer) or U(+-0.008) (output layer), head biases 0.
+    authors (default): the released SAC code's constants, with which the paper's lr 5e-5 was tuned: primary weights
+    U(+-1/sqrt(2 fan_in)) with PyTorch's default biases, every head weight U(+-0.05) (first layer) or U(+-0.008)
+    (output layer), head biases 0.
     """
     with torch.no_grad():
         if scheme == "authors":

@@ -50,12 +50,13 @@ Where we depart from the authors' released TD3 code (github keynans/HypeRL, TD3/
 `--hyper-init authors` gets closest to it:
 
 - Initialization: the paper initializes the primary network so that the generated dynamic weights
-  resemble, on average, Kaiming-uniform. `--hyper-init pytorch` (default) makes the generated weights AND
-  biases match PyTorch's default nn.Linear init on the states the critic first sees, gains 1, with the
-  embedding scaled so that an Adam step at lr 5e-5 moves them as far as the released constants do
-  (derivation at `init_hypernetwork`). The TD3 code's constants (primary weights U(+-1/(2 sqrt(fan_in))),
-  not SAC's 1/sqrt(2 fan_in), head weights U(+-0.05) / U(+-0.008)) give generated weights 2.5x smaller
-  than that on HalfCheetah; `--hyper-init authors` reproduces them.
+  resemble, on average, Kaiming-uniform, and tunes the critic lr 5e-5 on the released code's init. The
+  default `--hyper-init authors` is the TD3 code's init (primary weights U(+-1/(2 sqrt(fan_in))), not SAC's
+  1/sqrt(2 fan_in), head weights U(+-0.05) / U(+-0.008)): its generated network's scale follows the task's
+  state scale (2.5x smaller than nn.Linear's default on HalfCheetah). `--hyper-init pytorch` instead
+  matches nn.Linear's default on every task, with the embedding scaled so that an Adam step moves the
+  generated weights as far as the released SAC constants do on HalfCheetah (derivation at
+  `init_hypernetwork`); on Hopper-v4 it trains worse than the released init (docs/hyper_td3.md).
 - Baselines: their res_35 / state_features critics crash at construction and their names are swapped
   relative to SAC; ours are the paper's Res35 and ResNet-Features and all run. MLP-Small / MLP-Large do
   not exist in their code; we build them from the paper's sizes.
@@ -183,9 +184,9 @@ class Args:
     """residual blocks per stage of the primary network (paper: 2)"""
     hyper_dynamic_hidden: int = 256
     """hidden units of the single hidden layer of the dynamic network (paper: 256)"""
-    hyper_init: Literal["pytorch", "authors"] = "pytorch"
-    """pytorch: generated weights and biases like nn.Linear's default init on the first states (paper Sec. 2);
-    authors: the released TD3 code's constants"""
+    hyper_init: Literal["authors", "pytorch"] = "authors"
+    """authors: the released TD3 code's constants, with which the paper's critic lr was tuned; pytorch: generated
+    weights and biases like nn.Linear's default init on the first states, on every task"""
     hyper_embedding_norm: float = 8.0
     """with --hyper-init pytorch: rms norm of the embedding on the first states; sets how far an Adam step moves
     the generated weights (8: as far as with the released constants)"""
@@ -305,7 +306,7 @@ def init_hypernetwork(
 ) -> None:
     """Initialize the primary network and heads.
 
-    pytorch (default). The paper (Sec. 2) initializes the primary network so that "the initial dynamic
+    pytorch. The paper (Sec. 2) initializes the primary network so that "the initial dynamic
     weights distribution resembles, on average, Kaiming-uniform". We take that to be PyTorch's default
     nn.Linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(n)) for weights AND biases (n = fan-in), the
     init of every MLP critic here, and match it on `meta_samples`, the meta variables the critic first
@@ -325,8 +326,9 @@ def init_hypernetwork(
     head bounds h are the released code's constants (0.05 at n = 6, 0.008 at n = 256), where the paper's
     critic lr 5e-5 was tuned, so the relative step per update matches theirs.
 
-    authors: the released TD3 code's constants: primary weights U(+-1/(2 sqrt(fan_in))) with PyTorch's
-    default biases, every head weight U(+-0.05) (first layer) or U(+-0.008) (output layer), head biases 0.
+    authors (default): the released TD3 code's constants, with which the paper's lr 5e-5 was tuned: primary weights
+    U(+-1/(2 sqrt(fan_in))) with PyTorch's default biases, every head weight U(+-0.05) (first layer) or U(+-0.008)
+    (output layer), head biases 0.
     """
     with torch.no_grad():
         if scheme == "authors":

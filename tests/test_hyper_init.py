@@ -1,5 +1,6 @@
-"""The default hypernetwork-critic initialization (--hyper-init pytorch) of hyper_sac.py, hyper_td3.py and
-grad_probe.py: each script inlines its own copy, so every property is checked on all three."""
+"""The hypernetwork-critic initializations of hyper_sac.py, hyper_td3.py and grad_probe.py: --hyper-init pytorch
+(derived from nn.Linear's default init) and the default --hyper-init authors (the released constants). Each script
+inlines its own copy, so every property is checked on all three."""
 
 import math
 
@@ -140,6 +141,22 @@ def test_q_is_not_positively_homogeneous_in_the_action(script):
         q = torch.stack([critic(states[:200, :4], x.expand(200, 1)).squeeze(1) for x in grid], 1)
     interior = ((q.argmax(1) > 0) & (q.argmax(1) < len(grid) - 1)).float().mean().item()
     assert interior > 0.05
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
+def test_default_init_is_the_released_one_and_q_is_not_homogeneous_in_the_action(script):
+    default = vars(script.Args())["hyper_init"]
+    assert default == "authors"
+    torch.manual_seed(0)
+    states, actions, _ = cheetah(1000, 200)
+    critic = build(script, states, hyper_embedding_dim=64, hyper_init=default)
+    with torch.no_grad():
+        s, a = states[:200], actions[:200]
+        q0 = critic(s, torch.zeros_like(a))
+        gap = critic(s, 0.5 * a) - q0 - 0.5 * (critic(s, a) - q0)
+        assert gap.abs().mean().item() > 0.05 * (critic(s, a) - q0).abs().mean().item()
+        biases = critic.dynamic_weights(s)[0][1]  # the hidden layer's generated bias b1(s): nonzero, state-dependent
+        assert biases.abs().mean().item() > 0.01 and biases.std(0).mean().item() > 0.01
 
 
 def relative_change_after_updates(critic, data, lr=5e-5, updates=20, batch=100):

@@ -372,11 +372,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     run([*common, "--total-timesteps", "400"], tmp_path / "a")
-    # stops after critic update 131, so the resumed run's first update (132) is an actor step
-    run([*common, "--total-timesteps", "231", "--checkpoint-freq", "1000"], tmp_path / "b")
+    # stops after critic update 133, so the resumed run's first update (134) is an actor step
+    run([*common, "--total-timesteps", "233", "--checkpoint-freq", "1000"], tmp_path / "b")
     checkpoint = os.path.join(only_run_dir(tmp_path / "b"), "checkpoint.pt")
     saved = load(checkpoint)
-    assert saved["global_step"] == 231 and saved["agent"]["critic_updates"] == 131
+    assert saved["global_step"] == 233 and saved["agent"]["critic_updates"] == 133
     assert len(saved["env"]["actions"]) > 0  # stops mid-episode: the env is replayed on resume
     proc = run([*common, "--total-timesteps", "400", "--resume", checkpoint], tmp_path / "b")
     assert "resumed" in proc.stdout
