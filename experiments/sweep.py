@@ -610,4 +610,7 @@ def main(argv: list) -> int:
 
 
 if __name__ == "__main__":
+    # A shell without job control starts background jobs (`sweep.py ... &`) with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: restore it, so `kill -INT` stops such a sweep as Ctrl-C stops one in a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main(sys.argv[1:]))
