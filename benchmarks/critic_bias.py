@@ -48,15 +48,15 @@ class Bench:
 
 def load(path: str):
     """The checkpoint's script module, learner (weights loaded) and replay buffer arrays."""
-    for module in (hyper_sac, hyper_td3):
-        try:
-            contents = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            sys.exit(f"error: cannot load {path}: {type(e).__name__}")
-        if isinstance(contents, dict) and contents.get("format") == module.FILE_FORMAT:
-            break
-    else:
+    try:  # only to read which script wrote it; load_file below checks and loads it without running code
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: cannot load {path}: {type(e).__name__}")
+    written_by = contents.get("format") if isinstance(contents, dict) else None
+    modules = {m.FILE_FORMAT: m for m in (hyper_sac, hyper_td3)}
+    if written_by not in modules:
         sys.exit(f"error: {path} is not a checkpoint of hyper_sac.py or hyper_td3.py")
+    module = modules[written_by]
     contents = module.load_file(path, ("checkpoint",))
     args = module.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in contents["args"].items()})
     rb = {k: v.numpy() for k, v in contents["replay_buffer"].items() if isinstance(v, torch.Tensor)}

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import tyro
 
 import hyper_pearl
@@ -157,3 +158,10 @@ def test_critic_bias_reads_a_checkpoint(script, tmp_path, capsys):
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     out = run_benchmark("critic_bias", [checkpoint, "--range-states", "4", "--action-samples", "3"], capsys)
     assert re.search(r"step 400, \d+ transitions \| MC .* bias .* Q\(s, pi\) - Q\(s, a\) .* range .* \|Q1 - Q2\|", out)
+
+
+def test_critic_bias_refuses_a_foreign_file(tmp_path, capsys):
+    path = str(tmp_path / "other.pt")
+    torch.save({"format": "something_else/1", "weights": torch.zeros(2)}, path)
+    with pytest.raises(SystemExit, match="not a checkpoint of hyper_sac.py or hyper_td3.py"):
+        run_benchmark("critic_bias", [path], capsys)
