@@ -643,6 +643,13 @@ def exploration_action(action: np.ndarray, noise_std: np.ndarray, low: np.ndarra
     return np.clip(action + np.random.normal(0.0, noise_std), low, high).astype(np.float32)
 
 
+def adam(params, lr: float) -> optim.Optimizer:
+    """Adam with PyTorch's fused kernel: one pass over each tensor where the default for-loop version makes ~6, about
+    3x faster on the hypernetwork critics' millions of parameters (docs/speed.md). Same update rule; results differ
+    from the for-loop version by float rounding only."""
+    return optim.Adam(params, lr=lr, fused=True)
+
+
 @torch.no_grad()
 def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
     """target <- tau * online + (1 - tau) * target, in one fused op over all parameters."""
@@ -669,8 +676,8 @@ class TD3:
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.qf1_target = copy.deepcopy(self.qf1).requires_grad_(False)
         self.qf2_target = copy.deepcopy(self.qf2).requires_grad_(False)
-        self.q_optimizer = optim.Adam([*self.qf1.parameters(), *self.qf2.parameters()], lr=critic_lr(args, critic_name))
-        self.actor_optimizer = optim.Adam(self.actor.parameters(), lr=args.policy_lr)
+        self.q_optimizer = adam([*self.qf1.parameters(), *self.qf2.parameters()], lr=critic_lr(args, critic_name))
+        self.actor_optimizer = adam(self.actor.parameters(), lr=args.policy_lr)
         self.critic_updates, self.last_actor_loss = 0, None  # the policy delay counts critic updates
 
     def update(self, obs, actions, rewards, next_obs, terminations) -> dict:

@@ -368,12 +368,12 @@ class ContextEncoder(nn.Module):
             raise ValueError(f"context must be (tasks, N, {context_dim(self.obs_dim, self.act_dim)}), "
                              f"got {tuple(context.shape)}")  # fmt: skip
         mu, sigma_squared = product_of_gaussians(*self(context))
-        return Normal(mu, torch.sqrt(sigma_squared))
+        return Normal(mu, torch.sqrt(sigma_squared), validate_args=False)
 
     def prior(self, n_tasks: int) -> Normal:
         """The prior N(0, I) for n_tasks tasks, (n_tasks, latent_dim)."""
         zeros = torch.zeros(n_tasks, self.latent_dim, device=self.head.weight.device)
-        return Normal(zeros, torch.ones_like(zeros))
+        return Normal(zeros, torch.ones_like(zeros), validate_args=False)
 
 
 # Networks: PEARL's MLPs and Hyper-PEARL's hypernetworks (paper Sec. 5)
@@ -408,7 +408,7 @@ def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.T
     2 (log 2 - u - softplus(-2u)), exact and finite for saturated u (oyster adds 1e-6 inside the log instead).
     """
     log_det = 2.0 * (np.log(2.0) - u - F.softplus(-2.0 * u))
-    return (Normal(mean, log_std.exp()).log_prob(u) - log_det).sum(-1, keepdim=True)
+    return (Normal(mean, log_std.exp(), validate_args=False).log_prob(u) - log_det).sum(-1, keepdim=True)
 
 
 def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -788,6 +788,13 @@ class frozen:
             p.requires_grad_(True)
 
 
+def adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam with PyTorch's fused kernel: one pass over each tensor where the default for-loop version makes ~6, about
+    3x faster on the hypernetworks' millions of parameters (docs/speed.md). Same update rule; results differ from the
+    for-loop version by float rounding only."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
 @torch.no_grad()
 def soft_update(online: nn.Module, target: nn.Module, tau: float) -> None:
     """target <- tau * online + (1 - tau) * target."""
@@ -912,7 +919,7 @@ class PEARL:
         self.args, self.agent, lrs = args, agent, learning_rates(args)
         modules = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
         self.optimizers = {
-            name: torch.optim.Adam(module.parameters(), lr=lrs[name]) for name, module in modules.items()
+            name: adam(module.parameters(), lr=lrs[name]) for name, module in modules.items()
         }
 
     def update(self, batch: Batch, context: torch.Tensor) -> dict:

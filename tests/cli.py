@@ -76,9 +76,57 @@ def count_host_reads(monkeypatch, module) -> collections.Counter:
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _name=name, _original=original, **kwargs):
-            if sys._getframe(1).f_code.co_filename == module.__file__:
+            caller = sys._getframe(1)
+            while caller.f_code.co_filename == __file__:  # another count_host_reads on the same method
+                caller = caller.f_back
+            if caller.f_code.co_filename == module.__file__:
                 counts[_name] += 1
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     return counts
+
+
+def for_loop_adam_twin(learner):
+    """A deep copy of `learner` whose optimizers are PyTorch's for-loop Adam (foreach=False, fused=False) with the
+    same parameters, learning rates and state. Asserts that the learner's own optimizers are the fused Adam."""
+    import copy
+
+    import torch
+
+    twin = copy.deepcopy(learner)  # one memo: the copied optimizers point at the copied parameters
+
+    def for_loop(optimizer):
+        (group,) = optimizer.param_groups
+        assert isinstance(optimizer, torch.optim.Adam) and group["fused"] is True
+        replacement = torch.optim.Adam(group["params"], lr=group["lr"], foreach=False)
+        replacement.load_state_dict(
+            {**optimizer.state_dict(), "param_groups": replacement.state_dict()["param_groups"]}
+        )
+        return replacement
+
+    names = [name for name in vars(twin) if name.endswith("_optimizer")]
+    for name in names:
+        setattr(twin, name, for_loop(getattr(twin, name)))
+    if hasattr(twin, "optimizers"):
+        twin.optimizers = {name: for_loop(optimizer) for name, optimizer in twin.optimizers.items()}
+    assert names or hasattr(twin, "optimizers")
+    return twin
+
+
+def assert_same_up_to_rounding(a, b, rtol=1e-5, atol=1e-7):
+    """Every floating-point tensor of two nested state dicts agrees within the tolerance; other leaves are equal."""
+    import torch
+
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_up_to_rounding(a[key], b[key], rtol, atol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_up_to_rounding(x, y, rtol, atol)
+    elif isinstance(a, torch.Tensor) and a.is_floating_point():
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    else:
+        assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)

@@ -28,7 +28,7 @@ from grad_probe import (
     set_sim_state,
 )
 from tests.envs_probe import WEIGHTS
-from tests.cli import ROOT, count_host_reads, progress_lines_on_a_fake_clock, run_script, scalar_tags
+from tests.cli import ROOT, assert_same_up_to_rounding, for_loop_adam_twin, count_host_reads, progress_lines_on_a_fake_clock, run_script, scalar_tags
 
 SCRIPT = os.path.join(ROOT, "grad_probe.py")
 LINEAR_ENV = "tests.envs_probe:LinearRewardEnv-v0"
@@ -419,6 +419,22 @@ def test_an_update_reads_nothing_on_the_host_but_the_guards_two_checks_per_step(
         reads.clear()
         agent.update(*batch)
         assert reads == {"tolist": steps, "__bool__": steps}
+
+
+def test_fused_adam_steps_like_the_for_loop_adam_up_to_rounding():
+    """The optimizers are PyTorch's fused Adam (docs/speed.md): six SA-Hyper updates (three actor steps) end within
+    float rounding of the same updates with the for-loop Adam."""
+    args = Args(env_id=LINEAR_ENV, batch_size=4, policy_frequency=2, hyper_embedding_dim=32, hyper_dynamic_hidden=16)
+    torch.manual_seed(0)
+    agent = grad_probe.TD3(args, "sa-hyper", 2, 2, np.array([-3.0, 0.0]), np.array([3.0, 2.0]), None, "cpu")
+    twin, start = for_loop_adam_twin(agent), [p.clone() for p in agent.actor.parameters()]
+    batch = [torch.randn(4, 2), torch.rand(4, 2), torch.randn(4, 1), torch.randn(4, 2), torch.zeros(4, 1)]
+    for learner in (agent, twin):
+        torch.manual_seed(1)
+        for _ in range(6):
+            learner.update(*batch)
+    assert_same_up_to_rounding(agent.models(), twin.models())
+    assert all(not torch.equal(a, b) for a, b in zip(start, agent.actor.parameters()))  # every weight did move
 
 
 def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_results(tmp_path):

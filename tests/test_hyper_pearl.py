@@ -10,7 +10,7 @@ from hyper_pearl import (FAMILIES, FAMILY_SPECS, KL_LAMBDA, LATENT_DIM, ContextE
                          kl_to_prior, make_context, make_task_env, make_task_pool, product_of_gaussians, sample_z)
 from functools import partial
 
-from tests.cli import ROOT, cached_runs, only_run_dir, run_script, tensorboard_events
+from tests.cli import ROOT, assert_same_up_to_rounding, for_loop_adam_twin, cached_runs, count_host_reads, only_run_dir, run_script, tensorboard_events
 
 DT = 0.05
 # Ant's is mild so that it keeps its feet on the floor and the contact term is non-zero
@@ -681,6 +681,29 @@ def test_train_step_updates_every_model_and_soft_updates_the_target_v():
         torch.testing.assert_close(new_target, 0.995 * old_target + 0.005 * new_v)
     assert stats["qf_loss"] == pytest.approx(stats["qf1_loss"] + stats["qf2_loss"])
     assert {"qf1_values", "qf2_values", "vf_loss", "actor_loss", "kl_div", "z_mean", "z_var"} <= set(stats)
+
+
+def test_fused_adam_steps_like_the_for_loop_adam_up_to_rounding():
+    """The optimizers are PyTorch's fused Adam (docs/speed.md): five Hyper-PEARL steps end within float rounding of
+    the same steps with the for-loop Adam."""
+    learner = hyper_pearl.PEARL(Args(env_id="HalfCheetahFwdBack", model="hyper"), small_agent("hyper"))
+    twin, start = for_loop_adam_twin(learner), [p.clone() for p in learner.agent.policy.parameters()]
+    for each in (learner, twin):
+        torch.manual_seed(1)
+        for _ in range(5):
+            each.update(random_batch(), random_context())
+    assert_same_up_to_rounding(learner.agent.state_dict(), twin.agent.state_dict())
+    assert all(not torch.equal(a, b) for a, b in zip(start, learner.agent.policy.parameters()))  # every weight moved
+
+
+def test_train_step_validates_no_distribution_arguments(monkeypatch):
+    """torch.distributions' argument checks read a value on the host (on a GPU each waits for the device); the
+    posterior, the prior and the policy's log-prob skip them."""
+    agent, batch, context = small_agent("hyper"), random_batch(), random_context()
+    checks = count_host_reads(monkeypatch, torch.distributions.distribution)
+    train_step(agent, optimizers_for(agent), batch, context, tau=0.005)
+    agent.encoder.prior(3).sample()
+    assert not checks
 
 
 def test_train_step_stops_before_the_optimizer_step_on_a_non_finite_loss():

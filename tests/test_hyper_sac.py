@@ -14,7 +14,7 @@ import hyper_sac
 from hyper_sac import Actor, Args, HyperCritic, make_critic
 from functools import partial
 
-from tests.cli import ROOT, count_host_reads, only_run_dir, run_script, scalar_tags
+from tests.cli import ROOT, assert_same_up_to_rounding, for_loop_adam_twin, count_host_reads, only_run_dir, run_script, scalar_tags
 
 SCRIPT = os.path.join(ROOT, "hyper_sac.py")
 CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
@@ -200,10 +200,62 @@ def test_an_update_reads_nothing_on_the_host_but_the_guards_two_checks_per_step(
     batch = [torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.randn(8, 1), torch.randn(8, 3), torch.zeros(8, 1)]
     steps = 3 if autotune else 2
     reads = count_host_reads(monkeypatch, hyper_sac)
+    checks = count_host_reads(monkeypatch, torch.distributions.distribution)  # argument validation reads the host
     for _ in range(2):
         reads.clear()
         agent.update(*batch)
-        assert reads == {"tolist": steps, "__bool__": steps}
+        assert reads == {"tolist": steps, "__bool__": steps} and not checks
+
+
+def test_fused_adam_steps_like_the_for_loop_adam_up_to_rounding():
+    """The optimizers are PyTorch's fused Adam (docs/speed.md): five SA-Hyper updates with autotuned alpha end within
+    float rounding of the same updates with the for-loop Adam."""
+    torch.manual_seed(0)
+    agent = hyper_sac.SAC(Args(critic="sa-hyper", hyper_embedding_dim=32, hyper_dynamic_hidden=16), 5, 2, -np.ones(2),
+                          np.ones(2), None, "cpu")  # fmt: skip
+    twin, start = for_loop_adam_twin(agent), [p.clone() for p in agent.qf1.parameters()]
+    batch = [torch.randn(16, 5), torch.rand(16, 2) * 2 - 1, torch.randn(16, 1), torch.randn(16, 5), torch.zeros(16, 1)]
+    for learner in (agent, twin):
+        torch.manual_seed(1)
+        for _ in range(5):
+            learner.update(*batch)
+    fused, for_loop = agent.state_dict(), twin.state_dict()
+    for part in ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "log_alpha"):
+        assert_same_up_to_rounding(fused[part], for_loop[part])
+    assert all(not torch.equal(a, b) for a, b in zip(start, agent.qf1.parameters()))  # every weight did move
+
+
+def small_sac(reuse=False):
+    torch.manual_seed(0)
+    args = Args(critic="sa-hyper", hyper_embedding_dim=32, hyper_dynamic_hidden=16, reuse_critic_weights=reuse)
+    return hyper_sac.SAC(args, 5, 2, -np.ones(2), np.ones(2), None, "cpu")
+
+
+def test_reusing_the_critics_weights_trains_the_actor_on_the_critics_from_before_their_step():
+    """--reuse-critic-weights: the critic step is unchanged, and the actor step is the one the default update would
+    take against critics that did not move (here: a critic learning rate of 0)."""
+    batch = [torch.randn(16, 5), torch.rand(16, 2) * 2 - 1, torch.randn(16, 1), torch.randn(16, 5), torch.zeros(16, 1)]
+    reuse, default, still_critics = small_sac(reuse=True), small_sac(), small_sac()  # one init: small_sac seeds torch
+    still_critics.q_optimizer.param_groups[0]["lr"] = 0.0
+    for agent in (reuse, default, still_critics):
+        torch.manual_seed(1)
+        agent.update(*batch)
+    for name in ("qf1", "qf2", "qf1_target", "qf2_target"):
+        for a, b in zip(getattr(reuse, name).parameters(), getattr(default, name).parameters()):
+            assert torch.equal(a, b), name
+    for a, b in zip(reuse.actor.parameters(), still_critics.actor.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    assert not all(torch.equal(a, b) for a, b in zip(reuse.actor.parameters(), default.actor.parameters()))
+
+
+def test_reusing_the_critics_weights_runs_the_primary_networks_4_times_per_update_instead_of_6():
+    batch = [torch.randn(16, 5), torch.rand(16, 2) * 2 - 1, torch.randn(16, 1), torch.randn(16, 5), torch.zeros(16, 1)]
+    for reuse, expected in ((False, 6), (True, 4)):
+        agent, calls = small_sac(reuse=reuse), []
+        for qf in (agent.qf1, agent.qf2, agent.qf1_target, agent.qf2_target):
+            qf.primary.register_forward_hook(lambda *_: calls.append(1))
+        agent.update(*batch)
+        assert len(calls) == expected
 
 
 def test_replay_buffer_round_trips_through_its_state_dict():
@@ -334,6 +386,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["--hyper-embedding-norm", "nan"], "--hyper-embedding-norm must be a finite number"),
         (["--hyper-weight-scale", "0"], "--hyper-weight-scale must be positive"),
         (["--hyper-weight-scale", "inf"], "--hyper-weight-scale must be a finite number"),
+        (["--critic", "as-hyper", "--reuse-critic-weights"], "--reuse-critic-weights needs --critic sa-hyper"),
         (["--total-timesteps", "0"], "--total-timesteps must be positive"),
         (["--resume", "missing.pt"], "cannot load missing.pt: no such file"),
         (["--eval-model", "missing.cleanrl_model"], "cannot load missing.cleanrl_model: no such file"),

@@ -9,7 +9,7 @@ import hyper_td3
 from hyper_td3 import Actor, Args, HyperCritic, make_critic
 from functools import partial
 
-from tests.cli import ROOT, count_host_reads, only_run_dir, run_script, scalar_tags
+from tests.cli import ROOT, assert_same_up_to_rounding, for_loop_adam_twin, count_host_reads, only_run_dir, run_script, scalar_tags
 
 SCRIPT = os.path.join(ROOT, "hyper_td3.py")
 CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
@@ -199,6 +199,24 @@ def test_an_update_reads_nothing_on_the_host_but_the_guards_two_checks_per_step(
         reads.clear()
         agent.update(*batch)
         assert reads == {"tolist": steps, "__bool__": steps}
+
+
+def test_fused_adam_steps_like_the_for_loop_adam_up_to_rounding():
+    """The optimizers are PyTorch's fused Adam (docs/speed.md): six SA-Hyper updates (three actor steps) end within
+    float rounding of the same updates with the for-loop Adam."""
+    torch.manual_seed(0)
+    agent = hyper_td3.TD3(Args(critic="sa-hyper", hyper_embedding_dim=32, hyper_dynamic_hidden=16), 4, 2, LOW, HIGH,
+                          None, "cpu")  # fmt: skip
+    twin, start = for_loop_adam_twin(agent), [p.clone() for p in agent.actor.parameters()]
+    batch = [torch.randn(8, 4), torch.rand(8, 2), torch.randn(8, 1), torch.randn(8, 4), torch.zeros(8, 1)]
+    for learner in (agent, twin):
+        torch.manual_seed(1)
+        for _ in range(6):
+            learner.update(*batch)
+    fused, for_loop = agent.state_dict(), twin.state_dict()
+    for part in ("actor", "qf1", "qf2", "actor_target", "qf1_target", "qf2_target"):
+        assert_same_up_to_rounding(fused[part], for_loop[part])
+    assert all(not torch.equal(a, b) for a, b in zip(start, agent.actor.parameters()))  # every weight did move
 
 
 class HugeConstantCritic(torch.nn.Module):
