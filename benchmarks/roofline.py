@@ -1,7 +1,7 @@
 """Roofline of every hypernetwork update: analytic FLOPs, time, achieved GFLOP/s and the ratio to a matmul peak
 measured in the same process, and the MLP path's wall time against a baseline command.
 
-    python benchmarks/roofline.py                                   # all five updates, paper sizes, --threads 1 2
+    python benchmarks/roofline.py                                   # all updates, paper sizes, --threads 1 2
     python benchmarks/roofline.py --only sac td3 --profile          # also the top ops of each update
     python benchmarks/roofline.py --only maml --repeats 3 --warmup 0   # minutes per meta-update, see Duration
     python benchmarks/roofline.py --only sac --baseline-cmd \\
@@ -26,6 +26,8 @@ values), so no environment is created or simulated. --hyper-init pytorch calibra
 collected ones; that changes the weights, not the work.
 - sac: `hyper_sac.SAC(args, ...).update` on a batch of 256: critic step (targets from the actor and both target
   critics), actor step through the frozen critics, alpha step, Polyak update of both target critics.
+- sac_reuse: the same with --reuse-critic-weights: the actor step runs only the dynamic networks that the critic step
+  generated for the same states (a change of update order, off by default; docs/hyper_sac.md).
 - td3: `hyper_td3.TD3(args, ...).update`, batch 100. One timed step is a full policy-delay cycle, --policy-frequency
   (2) consecutive updates (two critic steps, one actor step through the frozen Q1, the Polyak updates of the three
   targets); FLOPs and time are reported per update, i.e. averaged over the cycle.
@@ -61,6 +63,7 @@ nothing needs: of the state (first primary and actor layers), and of the action 
                      + 2 (3C - o d/4 - h n)                    critic step: Q1, Q2 forward and backward
                      + (A + 2C + 2 (h n + h) + 2A - 256 o) ]   actor step: critics frozen, grad w.r.t. the action
                 = 2B (10C + 4A - o d/2 - 256 o + 2h)
+    sac_reuse   = SAC update - 2B 2 (P + H)                  the actor step's two primary networks and heads
     TD3 cycle   = 2B [ f (A' + 2C + 2 (3C - o d/4 - h n))     f critic steps (f = policy frequency, 2)
                      + (A' + C + h n + h + 2A' - 256 o) ]      one actor step through Q1
     TD3 update  = TD3 cycle / f
@@ -68,11 +71,14 @@ At paper sizes C = 8.53 M multiply-adds, so SAC is 43.81 GFLOP per update (10C 2
 TD3 (batch 100) 14.53, both exactly FlopCounterMode's count. PEARL counts 918 GFLOP per step; MAML 14.3 GFLOP per task
 at line-search step 1, about 573 for 40 tasks (counted for 2 and 4 tasks: linear in the tasks).
 
-Peak. Before each (update, threads) row, the fp32 matmul torch.mm of two --peak-size square matrices (2048:
-compute-bound), median of --peak-repeats after two warm-ups, at the same thread count, in this process. Roofline
-time = FLOPs / peak; the table's last column is time / roofline time (1 = the update runs at the matmul peak).
+Peak. The fp32 matmul torch.mm of two --peak-size square matrices (2048: compute-bound), the fastest of
+--peak-repeats, at the same thread count, in this process. Roofline time = FLOPs / peak; the table's last column is
+time / roofline time (1 = the update runs at the matmul peak).
 
-Timing. torch.set_num_threads(t) for each t in --threads; --warmup steps, then the median of --repeats steps.
+Timing. torch.set_num_threads(t) for each t in --threads; two warm-up matmuls and --warmup steps, then --repeats
+rounds of (peak, one step), alternated. The table gives the median step time, the median peak and the median of
+each step's ratio to the peak measured just before it. Alternating matters on a shared virtual CPU: on the 2-vCPU
+machine of docs/speed.md the peak varied between about 150 and 370 GFLOP/s at 2 threads from one minute to the next.
 
 Where the time goes. One more step runs under `OpTimer`, a TorchDispatchMode that times every aten op, forward and
 backward: `matmul` is the time inside the matmul ops (and their GFLOP/s, the FLOPs over that time), `Polyak` inside
@@ -94,6 +100,7 @@ afterwards, which keeps their runs/ directories), so give the baseline's script 
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 import platform
 import re
@@ -121,8 +128,8 @@ import hyper_pearl  # noqa: E402
 import hyper_sac  # noqa: E402
 import hyper_td3  # noqa: E402
 
-UpdateName = Literal["sac", "td3", "grad_probe", "pearl", "maml"]
-UPDATES: tuple = ("sac", "td3", "grad_probe", "pearl", "maml")
+UpdateName = Literal["sac", "sac_reuse", "td3", "grad_probe", "pearl", "maml"]
+UPDATES: tuple = ("sac", "sac_reuse", "td3", "grad_probe", "pearl", "maml")
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah-v4
 ACTOR_HIDDEN = 256  # the SAC and TD3 actors are 256-256 MLPs
 MATMUL_OPS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.addbmm", "aten._addmm_activation"}
@@ -158,8 +165,8 @@ class Bench:
     """steps of each synthetic MAML episode (the scripts' 200)"""
     peak_size: int = 2048
     """side of the square fp32 matmul that measures the peak"""
-    peak_repeats: int = 10
-    """timed matmuls per peak measurement; the median is reported"""
+    peak_repeats: int = 3
+    """timed matmuls per peak measurement, before each timed step; the fastest counts"""
     profile: bool = False
     """also print the top ops of each row's timed-op step"""
     baseline_cmd: Optional[str] = None
@@ -202,13 +209,18 @@ def hyper_critic_macs(obs_dim: int, act_dim: int, embedding_dim: int, blocks: in
     return {"primary": primary, "heads": heads, "dynamic": dynamic, "total": primary + heads + dynamic}
 
 
-def sac_update_flops(obs_dim: int, act_dim: int, batch: int, embedding_dim: int, blocks: int, hidden: int) -> int:
-    """Matmul FLOPs of one hyper_sac.py update with SA-Hyper critics (module docstring)."""
-    c = hyper_critic_macs(obs_dim, act_dim, embedding_dim, blocks, hidden)["total"]
+def sac_update_flops(obs_dim: int, act_dim: int, batch: int, embedding_dim: int, blocks: int, hidden: int,
+                     reuse: bool = False) -> int:  # fmt: skip
+    """Matmul FLOPs of one hyper_sac.py update with SA-Hyper critics (module docstring); `reuse`: with
+    --reuse-critic-weights, whose actor loss runs only the two dynamic networks."""
+    macs = hyper_critic_macs(obs_dim, act_dim, embedding_dim, blocks, hidden)
+    c = macs["total"]
     a = ACTOR_HIDDEN * obs_dim + ACTOR_HIDDEN**2 + 2 * ACTOR_HIDDEN * act_dim
     target = a + 2 * c
     critic_step = 2 * (3 * c - obs_dim * embedding_dim // 4 - hidden * act_dim)
     actor_step = a + 2 * c + 2 * (hidden * act_dim + hidden) + 2 * a - ACTOR_HIDDEN * obs_dim
+    if reuse:
+        actor_step -= 2 * (macs["primary"] + macs["heads"])
     return 2 * batch * (target + critic_step + actor_step)
 
 
@@ -241,14 +253,17 @@ def sizes_text(args) -> str:
     return f"hyper {args.hyper_embedding_dim}/{args.hyper_blocks}/{args.hyper_dynamic_hidden}"
 
 
-def build_sac(bench: Bench) -> Workload:
-    args = with_sizes(hyper_sac.Args(), bench, batch_size=bench.batch_size)
+def build_sac(bench: Bench, reuse: bool = False) -> Workload:
+    flag = {"reuse_critic_weights": True} if reuse else {}  # not set otherwise: runs on revisions before the flag
+    args = with_sizes(hyper_sac.Args(), bench, batch_size=bench.batch_size, **flag)
     agent = hyper_sac.SAC(args, OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), None, "cpu")
     batch = replay_batch(args.batch_size)
     hand = sac_update_flops(OBS_DIM, ACT_DIM, args.batch_size, args.hyper_embedding_dim, args.hyper_blocks,
-                            args.hyper_dynamic_hidden)  # fmt: skip
+                            args.hyper_dynamic_hidden, reuse)  # fmt: skip
     what = f"hyper_sac.SAC.update, critic {args.critic}, batch {args.batch_size}, {sizes_text(args)}"
-    return Workload("sac", what, lambda: agent.update(*batch), hand_flops=hand)
+    if reuse:
+        what += ", --reuse-critic-weights"
+    return Workload("sac_reuse" if reuse else "sac", what, lambda: agent.update(*batch), hand_flops=hand)
 
 
 def build_td3_like(name: str, args, agent, entry: str) -> Workload:
@@ -332,8 +347,8 @@ def build_maml(bench: Bench) -> Workload:
     return Workload("maml", what, step, reset=lambda: policy.load_state_dict(initial), notes=notes)
 
 
-BUILDERS = {"sac": build_sac, "td3": build_td3, "grad_probe": build_grad_probe, "pearl": build_pearl,
-            "maml": build_maml}  # fmt: skip
+BUILDERS = {"sac": build_sac, "sac_reuse": functools.partial(build_sac, reuse=True), "td3": build_td3,
+            "grad_probe": build_grad_probe, "pearl": build_pearl, "maml": build_maml}  # fmt: skip
 
 
 # --- measurements ---
@@ -345,30 +360,30 @@ def counted_flops(workload: Workload) -> float:
     return counter.get_total_flops() / workload.updates_per_step
 
 
-def median_ms_per_update(workload: Workload, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        workload.reset()
-        workload.step()
-    seconds = []
-    for _ in range(repeats):
-        workload.reset()
-        start = time.perf_counter()
-        workload.step()
-        seconds.append(time.perf_counter() - start)
-    return 1000 * statistics.median(seconds) / workload.updates_per_step
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def matmul_peak_gflops(size: int, repeats: int) -> float:
-    """GFLOP/s of an fp32 size x size x size torch.mm (2 size^3 FLOPs), median of `repeats` after two warm-ups."""
+def interleaved_times(workload: Workload, bench: Bench) -> tuple[list, list]:
+    """Seconds per update and matmul-peak GFLOP/s, one of each per repeat, measured alternately (peak, update, peak,
+    update, ...) after --warmup steps: a shared or throttled CPU changes speed by tens of percent within a minute, and
+    alternating lets each update be compared with a peak measured under the same conditions."""
+    size = bench.peak_size
     a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
     for _ in range(2):
         torch.mm(a, b, out=out)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        seconds.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(seconds) / 1e9
+    for _ in range(bench.warmup):
+        workload.reset()
+        workload.step()
+    seconds, peaks = [], []
+    for _ in range(bench.repeats):
+        peak_seconds = min(timed(lambda: torch.mm(a, b, out=out)) for _ in range(bench.peak_repeats))
+        peaks.append(2 * size**3 / peak_seconds / 1e9)
+        workload.reset()
+        seconds.append(timed(workload.step) / workload.updates_per_step)
+    return seconds, peaks
 
 
 class OpTimer(TorchDispatchMode):
@@ -476,10 +491,11 @@ def describe(workload: Workload, flops: float) -> str:
 def measure_row(bench: Bench, workload: Workload, flops: float, threads: int) -> tuple[list, list]:
     """The roofline row and the breakdown row of one update at one thread count."""
     torch.set_num_threads(threads)
-    peak = matmul_peak_gflops(bench.peak_size, bench.peak_repeats)
-    ms = median_ms_per_update(workload, bench.repeats, bench.warmup)
+    seconds, peaks = interleaved_times(workload, bench)
+    ms, peak = 1000 * statistics.median(seconds), statistics.median(peaks)
+    ratio = statistics.median(t / (flops / (p * 1e9)) for t, p in zip(seconds, peaks))  # each update vs its own peak
     achieved = flops / (ms / 1000) / 1e9
-    roofline = [f"{flops / 1e9:.4g}", f"{ms:.1f}", f"{achieved:.3g}", f"{peak:.1f}", f"{peak / achieved:.2f}"]
+    roofline = [f"{flops / 1e9:.4g}", f"{ms:.1f}", f"{achieved:.3g}", f"{peak:.1f}", f"{ratio:.2f}"]
     parts, timer = time_breakdown(workload)
     matmul_rate = flops / (parts["matmul"] / 1000) / 1e9 if parts["matmul"] else float("nan")
     other = ms - sum(parts.values())
@@ -506,7 +522,7 @@ def measure_updates(bench: Bench) -> None:
             roofline.append([name, str(threads), *roofline_row])
             breakdown.append([name, str(threads), *breakdown_row])
         del workload
-    print(f"\nroofline (peak: fp32 {bench.peak_size}^3 torch.mm before each row; time: median of {bench.repeats} "
+    print(f"\nroofline (peak: fp32 {bench.peak_size}^3 torch.mm before each step; time: median of {bench.repeats} "
           f"after {bench.warmup} warm-up steps; time / roofline = time / (FLOPs / peak)):")  # fmt: skip
     print_table(["update", "threads", "GFLOP", "ms", "GFLOP/s", "peak GFLOP/s", "time / roofline"], roofline)
     print("\nwhere the time goes, ms per update (OpTimer and optimizer hooks; other = timed ms - matmul - Adam - "

@@ -99,7 +99,7 @@ def table_rows(stdout: str, header: str) -> dict:
 
 def test_roofline_prints_a_row_per_update(capsys):
     out = run_benchmark("roofline", TINY_ROOFLINE, capsys)
-    updates = ["sac", "td3", "grad_probe", "pearl", "maml"]
+    updates = ["sac", "sac_reuse", "td3", "grad_probe", "pearl", "maml"]
     roofline = table_rows(out, "update | threads | GFLOP | ms | GFLOP/s | peak GFLOP/s | time / roofline")
     breakdown = table_rows(out, "update | threads | matmul ms | matmul GFLOP/s | Adam ms | Polyak ms | other ms")
     assert list(roofline) == updates and list(breakdown) == updates, out
@@ -110,7 +110,7 @@ def test_roofline_prints_a_row_per_update(capsys):
         assert ratio == pytest.approx(ms / 1000 / (gflop / peak), rel=0.02)  # time / roofline time
         matmul_ms, _, adam_ms, polyak_ms, _ = map(float, breakdown[name][1:])
         assert matmul_ms > 0 and (adam_ms > 0) == (name != "maml") and polyak_ms >= 0  # MAML: TRPO, no Adam
-    for name in ("sac", "td3", "grad_probe"):  # the hand formula agrees with FlopCounterMode
+    for name in ("sac", "sac_reuse", "td3", "grad_probe"):  # the hand formula agrees with FlopCounterMode
         assert re.search(rf"^{name}: .* hand formula \S+ \(x1\.0000\)$", out, re.MULTILINE), out
     assert re.search(r"^maml: .*(line search accepted step \d+|no step taken)", out, re.MULTILINE), out
 
@@ -120,7 +120,7 @@ def test_roofline_hand_flops_match_flop_counter(embedding_dim, blocks, hidden, b
     roofline = load_benchmark("roofline")
     bench = roofline.Bench(hyper_embedding_dim=embedding_dim, hyper_blocks=blocks, hyper_dynamic_hidden=hidden,
                            batch_size=batch)  # fmt: skip
-    for name in ("sac", "td3", "grad_probe"):
+    for name in ("sac", "sac_reuse", "td3", "grad_probe"):
         workload = roofline.BUILDERS[name](bench)
         assert workload.hand_flops == pytest.approx(roofline.counted_flops(workload), rel=1e-3), name
 
