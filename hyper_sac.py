@@ -164,9 +164,7 @@ class Args:
     alpha_lr: float = 3e-4
     """learning rate of log(alpha) when autotuning"""
     reuse_critic_weights: bool = False
-    """sa-hyper only: the actor's loss reuses the dynamic weights the critic step generated for the same states,
-    two fewer primary-network forwards per update; the actor then follows the critics from before their step, as
-    in rlkit's SAC, not after it (a change of update order, docs/hyper_sac.md)"""
+    """sa-hyper only: the actor loss reuses the critic step's generated weights (faster; changes the update order)"""
 
     # --- model ---
     critic: CriticName = "sa-hyper"
@@ -564,6 +562,8 @@ class SAC:
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.tensor([np.log(args.alpha)], dtype=torch.float32, device=device, requires_grad=True)
         self.alpha_optimizer = adam([self.log_alpha], lr=args.alpha_lr)
+        if args.reuse_critic_weights and not (isinstance(self.qf1, HyperCritic) and self.qf1.meta_is_state):
+            raise ValueError("reuse_critic_weights needs SA-Hyper critics, whose weights depend on the state only")
 
     def update(self, obs, actions, rewards, next_obs, terminations) -> dict:
         """Critic, actor and (with autotune) alpha steps on one minibatch, then the target update; returns the
@@ -782,13 +782,15 @@ def check_memory(args: Args, obs_dim: int, act_dim: int) -> None:
 RESUME_MAY_DIFFER = ("total_timesteps", "progress_freq", "checkpoint_freq", "num_threads", "cuda", "track",
                      "wandb_project_name", "wandb_entity", "save_model", "resume", "eval_model", "capture_video",
                      "exp_name")  # fmt: skip
+# Settings added after checkpoints of this format existed, with the value that computes what those checkpoints did
+ADDED_SETTINGS = {"reuse_critic_weights": False}
 
 
 def check_resume_settings(saved: dict, args: Args) -> None:
     differing = [
         f.name
         for f in dataclasses.fields(args)
-        if f.name not in RESUME_MAY_DIFFER and saved.get(f.name) != getattr(args, f.name)
+        if f.name not in RESUME_MAY_DIFFER and saved.get(f.name, ADDED_SETTINGS.get(f.name)) != getattr(args, f.name)
     ]
     if differing:
         listing = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (given {getattr(args, k)})" for k in differing)

@@ -65,7 +65,7 @@ if __name__ == "__main__":
     agent = hyper_pearl.make_agent(args, obs_dim, act_dim, init_context)
     lrs = hyper_pearl.learning_rates(args)
     modules = {"policy": agent.policy, "qf1": agent.qf1, "qf2": agent.qf2, "vf": agent.vf, "context": agent.encoder}
-    optimizers = {name: torch.optim.Adam(m.parameters(), lr=lrs[name]) for name, m in modules.items()}
+    optimizers = {name: hyper_pearl.adam(m.parameters(), lr=lrs[name]) for name, m in modules.items()}
     batch = hyper_pearl.Batch(torch.randn(tasks, n, obs_dim), torch.rand(tasks, n, act_dim) * 2 - 1, torch.randn(tasks, n, 1),
                               torch.randn(tasks, n, obs_dim), torch.zeros(tasks, n, 1))  # fmt: skip
     context = torch.randn(tasks, bench.embedding_batch_size, hyper_pearl.context_dim(obs_dim, act_dim))

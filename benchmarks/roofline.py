@@ -63,7 +63,7 @@ nothing needs: of the state (first primary and actor layers), and of the action 
                      + 2 (3C - o d/4 - h n)                    critic step: Q1, Q2 forward and backward
                      + (A + 2C + 2 (h n + h) + 2A - 256 o) ]   actor step: critics frozen, grad w.r.t. the action
                 = 2B (10C + 4A - o d/2 - 256 o + 2h)
-    sac_reuse   = SAC update - 2B 2 (P + H)                  the actor step's two primary networks and heads
+    sac_reuse   = SAC update - 2B 2 (P + H)                the actor step's two primary networks and heads
     TD3 cycle   = 2B [ f (A' + 2C + 2 (3C - o d/4 - h n))     f critic steps (f = policy frequency, 2)
                      + (A' + C + h n + h + 2A' - 256 o) ]      one actor step through Q1
     TD3 update  = TD3 cycle / f
@@ -79,6 +79,7 @@ Timing. torch.set_num_threads(t) for each t in --threads; two warm-up matmuls an
 rounds of (peak, one step), alternated. The table gives the median step time, the median peak and the median of
 each step's ratio to the peak measured just before it. Alternating matters on a shared virtual CPU: on the 2-vCPU
 machine of docs/speed.md the peak varied between about 150 and 370 GFLOP/s at 2 threads from one minute to the next.
+The big matmul just before each step leaves the caches cold for it, as other work would in a training run.
 
 Where the time goes. One more step runs under `OpTimer`, a TorchDispatchMode that times every aten op, forward and
 backward: `matmul` is the time inside the matmul ops (and their GFLOP/s, the FLOPs over that time), `Polyak` inside
@@ -366,6 +367,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def roofline_ratio(seconds: list, peaks: list, flops: float) -> float:
+    """Median over the steps of (step time) / (roofline time at the peak measured just before that step)."""
+    return statistics.median(t / (flops / (p * 1e9)) for t, p in zip(seconds, peaks))
+
+
 def interleaved_times(workload: Workload, bench: Bench) -> tuple[list, list]:
     """Seconds per update and matmul-peak GFLOP/s, one of each per repeat, measured alternately (peak, update, peak,
     update, ...) after --warmup steps: a shared or throttled CPU changes speed by tens of percent within a minute, and
@@ -492,8 +498,7 @@ def measure_row(bench: Bench, workload: Workload, flops: float, threads: int) ->
     """The roofline row and the breakdown row of one update at one thread count."""
     torch.set_num_threads(threads)
     seconds, peaks = interleaved_times(workload, bench)
-    ms, peak = 1000 * statistics.median(seconds), statistics.median(peaks)
-    ratio = statistics.median(t / (flops / (p * 1e9)) for t, p in zip(seconds, peaks))  # each update vs its own peak
+    ms, peak, ratio = 1000 * statistics.median(seconds), statistics.median(peaks), roofline_ratio(seconds, peaks, flops)
     achieved = flops / (ms / 1000) / 1e9
     roofline = [f"{flops / 1e9:.4g}", f"{ms:.1f}", f"{achieved:.3g}", f"{peak:.1f}", f"{ratio:.2f}"]
     parts, timer = time_breakdown(workload)
@@ -523,7 +528,8 @@ def measure_updates(bench: Bench) -> None:
             breakdown.append([name, str(threads), *breakdown_row])
         del workload
     print(f"\nroofline (peak: fp32 {bench.peak_size}^3 torch.mm before each step; time: median of {bench.repeats} "
-          f"after {bench.warmup} warm-up steps; time / roofline = time / (FLOPs / peak)):")  # fmt: skip
+          f"after {bench.warmup} warm-up steps; time / roofline: median over the steps of time / (FLOPs / the peak "
+          f"before that step)):")  # fmt: skip
     print_table(["update", "threads", "GFLOP", "ms", "GFLOP/s", "peak GFLOP/s", "time / roofline"], roofline)
     print("\nwhere the time goes, ms per update (OpTimer and optimizer hooks; other = timed ms - matmul - Adam - "
           "Polyak):")  # fmt: skip

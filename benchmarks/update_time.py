@@ -62,8 +62,8 @@ if __name__ == "__main__":
     actor_t = copy.deepcopy(actor)
     qf1, qf2 = (script.make_critic(args, obs_dim, act_dim) for _ in range(2))
     qf1_t, qf2_t = copy.deepcopy(qf1), copy.deepcopy(qf2)
-    q_opt = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=5e-5)
-    a_opt = torch.optim.Adam(actor.parameters(), lr=3e-4)
+    q_opt = script.adam(list(qf1.parameters()) + list(qf2.parameters()), lr=5e-5)  # the script's (fused) Adam
+    a_opt = script.adam(actor.parameters(), lr=3e-4)
     obs, act, rew, next_obs, term = torch.randn(n, obs_dim), torch.rand(n, act_dim) * 2 - 1, torch.randn(n, 1), torch.randn(n, obs_dim), torch.zeros(n, 1)
 
     def critic_step():

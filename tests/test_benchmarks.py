@@ -115,6 +115,14 @@ def test_roofline_prints_a_row_per_update(capsys):
     assert re.search(r"^maml: .*(line search accepted step \d+|no step taken)", out, re.MULTILINE), out
 
 
+def test_roofline_ratio_is_the_median_of_each_steps_time_over_its_own_peaks_roofline_time():
+    roofline = load_benchmark("roofline")
+    # 2 GFLOP per step at peaks 4 and 1 GFLOP/s: roofline times 0.5 and 2 s, so steps of 1 and 4 s are both 2x
+    assert roofline.roofline_ratio([1.0, 4.0], [4.0, 1.0], 2e9) == pytest.approx(2.0)
+    # not the ratio of the medians (2.5 s at 2.5 GFLOP/s: 3.125), nor the steps paired with the other peaks (4.25)
+    assert roofline.roofline_ratio([1.0, 4.0], [1.0, 4.0], 2e9) == pytest.approx(4.25)
+
+
 @pytest.mark.parametrize("embedding_dim, blocks, hidden, batch", [(16, 1, 8, 8), (128, 2, 32, 5)])
 def test_roofline_hand_flops_match_flop_counter(embedding_dim, blocks, hidden, batch):
     roofline = load_benchmark("roofline")

@@ -28,7 +28,10 @@ from grad_probe import (
     set_sim_state,
 )
 from tests.envs_probe import WEIGHTS
-from tests.cli import ROOT, assert_same_up_to_rounding, for_loop_adam_twin, count_host_reads, progress_lines_on_a_fake_clock, run_script, scalar_tags
+from tests.cli import (
+    ROOT, assert_same_up_to_rounding, count_host_reads, for_loop_adam_twin, progress_lines_on_a_fake_clock, run_script,
+    scalar_tags
+)
 
 SCRIPT = os.path.join(ROOT, "grad_probe.py")
 LINEAR_ENV = "tests.envs_probe:LinearRewardEnv-v0"

@@ -10,7 +10,10 @@ from hyper_pearl import (FAMILIES, FAMILY_SPECS, KL_LAMBDA, LATENT_DIM, ContextE
                          kl_to_prior, make_context, make_task_env, make_task_pool, product_of_gaussians, sample_z)
 from functools import partial
 
-from tests.cli import ROOT, assert_same_up_to_rounding, for_loop_adam_twin, cached_runs, count_host_reads, only_run_dir, run_script, tensorboard_events
+from tests.cli import (
+    ROOT, assert_same_up_to_rounding, cached_runs, count_host_reads, for_loop_adam_twin, only_run_dir, run_script,
+    tensorboard_events
+)
 
 DT = 0.05
 # Ant's is mild so that it keeps its feet on the floor and the contact term is non-zero

@@ -14,7 +14,9 @@ import hyper_sac
 from hyper_sac import Actor, Args, HyperCritic, make_critic
 from functools import partial
 
-from tests.cli import ROOT, assert_same_up_to_rounding, for_loop_adam_twin, count_host_reads, only_run_dir, run_script, scalar_tags
+from tests.cli import (
+    ROOT, assert_same_up_to_rounding, count_host_reads, for_loop_adam_twin, only_run_dir, run_script, scalar_tags
+)
 
 SCRIPT = os.path.join(ROOT, "hyper_sac.py")
 CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
@@ -256,6 +258,18 @@ def test_reusing_the_critics_weights_runs_the_primary_networks_4_times_per_updat
             qf.primary.register_forward_hook(lambda *_: calls.append(1))
         agent.update(*batch)
         assert len(calls) == expected
+
+
+def test_reusing_the_critics_weights_needs_sa_hyper_critics():
+    with pytest.raises(ValueError, match="SA-Hyper"):
+        hyper_sac.SAC(Args(critic="mlp", reuse_critic_weights=True), 5, 2, -np.ones(2), np.ones(2), None, "cpu")
+
+
+def test_a_checkpoint_from_before_reuse_critic_weights_resumes_without_it_only():
+    saved = {k: v for k, v in vars(Args()).items() if k != "reuse_critic_weights"}  # written before the flag existed
+    hyper_sac.check_resume_settings(saved, Args())
+    with pytest.raises(SystemExit):
+        hyper_sac.check_resume_settings(saved, Args(reuse_critic_weights=True))
 
 
 def test_replay_buffer_round_trips_through_its_state_dict():

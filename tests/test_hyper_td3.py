@@ -9,7 +9,9 @@ import hyper_td3
 from hyper_td3 import Actor, Args, HyperCritic, make_critic
 from functools import partial
 
-from tests.cli import ROOT, assert_same_up_to_rounding, for_loop_adam_twin, count_host_reads, only_run_dir, run_script, scalar_tags
+from tests.cli import (
+    ROOT, assert_same_up_to_rounding, count_host_reads, for_loop_adam_twin, only_run_dir, run_script, scalar_tags
+)
 
 SCRIPT = os.path.join(ROOT, "hyper_td3.py")
 CRITICS = ["sa-hyper", "as-hyper", "mlp", "mlp-small", "mlp-large", "resnet-features", "res35", "d2rl"]
