@@ -14,6 +14,10 @@ cut), prints:
 - Q1's range and standard deviation over --action-samples uniform actions in the action box, per state (mean over
   --range-states states): how strongly Q depends on the action;
 - |Q1 - Q2| at the buffer's actions: how far the twin critics disagree;
+- off the data: the largest |Q1(mu + k (s - mu), a)| over the window's states s and actions a, mu their mean state, at
+  k = --stretch (each state moved k times as far from the mean): how wildly the critic extrapolates to states a
+  little outside the ones it was trained on, which the policy reaches as it improves and the TD target then
+  bootstraps from (at k = 1: the largest |Q1| on the data itself);
 - the policy's mean log-std (SAC) and the fraction of saturated pre-tanh outputs (|u| > 2.5 for SAC's mean, > 3 for
   TD3's action, as the scripts' `charts/actor_saturation`).
 Episode boundaries are found from the buffer (terminated, or the next transition's state is not this one's next
@@ -43,6 +47,8 @@ class Bench:
     """states at which Q1 is evaluated over the action box"""
     action_samples: int = 64
     """uniform actions per state for the range over the action box"""
+    stretch: float = 2.0
+    """k of the off-data measure: states moved k times as far from the window's mean state"""
     seed: int = 0
 
 
@@ -67,6 +73,12 @@ def load(path: str):
     learner = learner_class(args, obs_dim, act_dim, low, high, meta, "cpu")
     learner.load_state_dict(contents["agent"])
     return module, args, learner, rb, contents["global_step"]
+
+
+def off_data_max_abs_q(qf, obs: torch.Tensor, actions: torch.Tensor, k: float) -> float:
+    """max over the batch of |Q(mu + k (s - mu), a)|, mu the batch's mean state."""
+    mu = obs.mean(0)
+    return qf(mu + k * (obs - mu), actions).abs().max().item()
 
 
 def returns_to_go(rb: dict, gamma: float):
@@ -119,7 +131,9 @@ def probe(path: str, bench: Bench) -> str:
         f"{name}: step {step}, {len(idx)} transitions | MC {g[idx].mean():7.1f} | Q(s, a) {q_data.mean().item():8.1f}"
         f" bias {(q_data.numpy() - g[idx]).mean():8.1f} | Q(s, pi) - Q(s, a) {(q_pi - q_data).mean().item():7.2f}"
         f" | Q1 over the box: range {(q_box.max(1).values - q_box.min(1).values).mean().item():7.2f}"
-        f" std {q_box.std(1).mean().item():6.2f} | |Q1 - Q2| {(q1 - q2).abs().mean().item():6.2f}{log_std_text}"
+        f" std {q_box.std(1).mean().item():6.2f} | |Q1 - Q2| {(q1 - q2).abs().mean().item():6.2f}"
+        f" | max |Q1| on the data {q1.abs().max().item():.4g}, at {bench.stretch:g}x off it"
+        f" {off_data_max_abs_q(learner.qf1, obs, actions, bench.stretch):.4g}{log_std_text}"
         f" | saturated {saturated.item():.2f}"
     )
 

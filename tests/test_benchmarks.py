@@ -158,6 +158,15 @@ def test_critic_bias_returns_to_go_per_episode():
     assert exact.tolist() == [True, True, True, False, False, False]
 
 
+def test_critic_bias_off_data_moves_each_state_k_times_as_far_from_the_mean():
+    critic_bias = load_benchmark("critic_bias")
+    obs, actions = torch.tensor([[0.0, 1.0], [2.0, 3.0]]), torch.tensor([[10.0], [-1.0]])  # mean state (1, 2)
+    q = lambda s, a: (s.sum(1, keepdim=True) * a)  # noqa: E731
+    # k = 3: states (1, 2) + 3 (-1, -1) = (-2, -1) and (1, 2) + 3 (1, 1) = (4, 5); Q = -3 * 10, 9 * -1
+    assert critic_bias.off_data_max_abs_q(q, obs, actions, 3.0) == pytest.approx(30.0)
+    assert critic_bias.off_data_max_abs_q(q, obs, actions, 1.0) == pytest.approx(10.0)  # the data: (0 + 1) * 10
+
+
 @pytest.mark.parametrize("script", ["hyper_sac.py", "hyper_td3.py"])
 def test_critic_bias_reads_a_checkpoint(script, tmp_path, capsys):
     run_script(os.path.join(ROOT, script), ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--learning-starts",
@@ -166,6 +175,7 @@ def test_critic_bias_reads_a_checkpoint(script, tmp_path, capsys):
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     out = run_benchmark("critic_bias", [checkpoint, "--range-states", "4", "--action-samples", "3"], capsys)
     assert re.search(r"step 400, \d+ transitions \| MC .* bias .* Q\(s, pi\) - Q\(s, a\) .* range .* \|Q1 - Q2\|", out)
+    assert re.search(r"max \|Q1\| on the data \S+, at 2x off it \S+", out)
 
 
 def test_critic_bias_refuses_a_foreign_file(tmp_path, capsys):
