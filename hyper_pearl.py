@@ -792,7 +792,11 @@ def adam(params, lr: float) -> torch.optim.Optimizer:
     """Adam with PyTorch's fused kernel: one pass over each tensor where the default for-loop version makes ~6, about
     3x faster on the hypernetworks' millions of parameters (docs/speed.md). Same update rule; results differ from the
     for-loop version by float rounding only."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # torch < 2.4 has no fused Adam on the CPU; the for-loop one makes the same update
+        return torch.optim.Adam(params, lr=lr)
 
 
 @torch.no_grad()

@@ -532,7 +532,11 @@ def adam(params, lr: float) -> optim.Optimizer:
     """Adam with PyTorch's fused kernel: one pass over each tensor where the default for-loop version makes ~6, about
     3x faster on the hypernetwork critics' millions of parameters (docs/speed.md). Same update rule; results differ
     from the for-loop version by float rounding only."""
-    return optim.Adam(params, lr=lr, fused=True)
+    params = list(params)
+    try:
+        return optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # torch < 2.4 has no fused Adam on the CPU; the for-loop one makes the same update
+        return optim.Adam(params, lr=lr)
 
 
 @torch.no_grad()

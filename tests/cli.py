@@ -98,7 +98,8 @@ def for_loop_adam_twin(learner):
 
     def for_loop(optimizer):
         (group,) = optimizer.param_groups
-        assert isinstance(optimizer, torch.optim.Adam) and group["fused"] is True
+        fused_on_cpu = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 4)
+        assert isinstance(optimizer, torch.optim.Adam) and (group["fused"] is True or not fused_on_cpu)
         replacement = torch.optim.Adam(group["params"], lr=group["lr"], foreach=False)
         replacement.load_state_dict(
             {**optimizer.state_dict(), "param_groups": replacement.state_dict()["param_groups"]}

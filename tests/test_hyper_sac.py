@@ -227,6 +227,18 @@ def test_fused_adam_steps_like_the_for_loop_adam_up_to_rounding():
     assert all(not torch.equal(a, b) for a, b in zip(start, agent.qf1.parameters()))  # every weight did move
 
 
+def test_adam_falls_back_to_the_for_loop_adam_where_torch_has_no_fused_one(monkeypatch):
+    def adam_without_fused(params, lr, fused=None):
+        params = list(params)  # as torch.optim.Adam does, before it checks the devices
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return torch.optim.SGD(params, lr=lr)  # stands in for the for-loop Adam
+
+    monkeypatch.setattr(hyper_sac.optim, "Adam", adam_without_fused)
+    weight = torch.nn.Parameter(torch.zeros(2))
+    assert isinstance(hyper_sac.adam(iter([weight]), lr=0.1), torch.optim.SGD)  # the parameters survive the retry
+
+
 def small_sac(reuse=False):
     torch.manual_seed(0)
     args = Args(critic="sa-hyper", hyper_embedding_dim=32, hyper_dynamic_hidden=16, reuse_critic_weights=reuse)
