@@ -64,7 +64,7 @@ FINAL_TAGS = {"hyper_sac.py": ("eval/episodic_return",), "hyper_td3.py": ("eval/
 RESERVED_FLAGS = ("env-id", "seed", "exp-name", "num-threads", "resume")
 
 
-# --- the paper's experiments (paper Sec. 3-5; ../shared/paper/README.md) ----------------------------------------------
+# --- the paper's experiments (Keynan, Sarafian & Kraus, ICML 2021, Sec. 3-5) ------------------------------------------
 @dataclass(frozen=True)
 class Experiment:
     figures: str
