@@ -21,7 +21,10 @@ states, for --model hyper the rms norm of the policy's embedding at the prior an
 Q1's generated output-layer weights at the probe states, and the mean |z| of the probe z. Then, after every gradient
 step in --steps (and at init, step 0), the fraction of saturated pre-tanh means (|mu| > 3,
 hyper_pearl.policy_saturation) at the prior and at the posterior z over all probe states, and the mean log-std at
-the prior z.
+the prior z. A second table gives how far one gradient step moves the networks, averaged over the steps of each
+interval: the rms change of the first layer's weights relative to their rms before the step, for the policy and Q1
+(generated at the probe posterior z and at the probe states for --model hyper; the layer's own for mlp), and the
+absolute rms change of the policy's pre-tanh mean at the probe states and posterior z.
 
 --no-input-scaling replaces hyper_pearl.balance_input_scale by a no-op in this process, so --hyper-init pytorch keeps
 PyTorch's default input projection in the policy's primary network. --earlier-mlp-bounds re-draws every hidden
@@ -155,6 +158,35 @@ def init_report(agent, probe, n_actions: int, generator: torch.Generator) -> dic
     return out
 
 
+STEP_PROBES = {
+    "policy_w": "policy's first layer weights",
+    "policy_mean": "policy's pre-tanh mean (absolute: rms of the change)",
+    "q_w": "Q1's first layer weights",
+}
+
+
+@torch.no_grad()
+def step_probe(agent, probe) -> dict:
+    """What one gradient step moves: the first layer weights of the policy and of Q1, generated (hyper: at the probe
+    posterior z, at the probe states) or the layer's own (mlp), and the policy's pre-tanh mean at the probe states and
+    posterior z."""
+    posterior = agent.encoder.posterior(probe["context"])
+    z = posterior.loc + posterior.scale * probe["posterior_noise"]
+    policy_weights = agent.policy.task_weights(z)
+    if hasattr(agent.policy, "primary"):
+        policy_w, q_w = policy_weights[0][0], agent.qf1.heads[0](agent.qf1.primary(probe["obs"]))[0]
+    else:
+        policy_w, q_w = agent.policy.body[0].weight.clone(), agent.qf1.body[0].weight.clone()
+    mean, _ = agent.policy.dist_params_with_weights(policy_weights, probe["obs"])
+    return {"policy_w": policy_w, "policy_mean": mean, "q_w": q_w}
+
+
+def step_change(before: torch.Tensor, after: torch.Tensor, relative: bool) -> float:
+    """rms(after - before), divided by rms(before) if relative."""
+    change = (after - before).pow(2).mean().sqrt()
+    return (change / before.pow(2).mean().sqrt() if relative else change).item()
+
+
 def main(bench: Bench) -> None:
     if bench.num_threads:
         torch.set_num_threads(bench.num_threads)
@@ -220,16 +252,27 @@ def main(bench: Bench) -> None:
           f"generated output-layer weights {q_out} (U(+-3e-3): {3e-3 / np.sqrt(3):.3g})")  # fmt: skip
 
     print("steps | saturated at prior z | saturated at posterior z | mean log-std at prior z")
-    train_rng, done = np.random.default_rng([args.seed, TRAIN_STREAM]), 0
+    step_rows = []
+    train_rng, done, before, changes = np.random.default_rng([args.seed, TRAIN_STREAM]), 0, step_probe(agent, probe), []
     for target in sorted({0, *bench.steps}):
         for _ in range(target - done):
             step_indices = train_rng.integers(0, len(train_tasks), size=meta_batch)
             context = encoder_buffer.sample_context(step_indices, embedding_batch, train_rng)
             learner.update(rl_buffer.sample_batch(step_indices, args.batch_size, train_rng), context)
+            after = step_probe(agent, probe)
+            changes.append({k: step_change(before[k], after[k], relative=k != "policy_mean") for k in after})
+            before = after
+        if target > done:
+            interval = {k: np.mean([c[k] for c in changes[done:target]]) for k in changes[0]}
+            step_rows.append(f"{done + 1}-{target} | " + " | ".join(f"{interval[k]:.2e}" for k in STEP_PROBES))
         done = target
         report = policy_report(agent, probe)
         print(f"{target} | {100 * report['prior']:.2f}% | {100 * report['posterior']:.2f}% | {report['log_std']:.2f}",
               flush=True)  # fmt: skip
+    if step_rows:
+        print("\nchange per step (relative: rms of one step's change / rms before it), mean over the steps")
+        print("steps | " + " | ".join(STEP_PROBES.values()))
+        print("\n".join(step_rows))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,18 @@ def test_pearl_init_stats_reports_init_and_saturation_rows(capsys):
         assert sorted(rows) == [0, 1, 2], out
         if not embedding:  # PEARL's policy heads start at U(+-1e-3): nothing is saturated at init
             assert rows[0][:2] == (0.0, 0.0)
+        steps = table_rows(out, "steps | policy's first layer weights | policy's pre-tanh mean (absolute: rms of the "
+                                "change) | Q1's first layer weights")  # fmt: skip
+        assert sorted(steps) == ["1-1", "2-2"], out
+        assert all(0 < float(v) < math.inf for row in steps.values() for v in row), out
+
+
+def test_pearl_init_stats_step_change_is_the_rms_change_relative_or_absolute():
+    module = load_benchmark("pearl_init_stats")
+    before = torch.tensor([[3.0, -4.0], [0.0, 0.0]])  # rms 2.5
+    after = before + torch.tensor([[1.0, 1.0], [-1.0, 1.0]])  # change of rms 1
+    assert module.step_change(before, after, relative=False) == pytest.approx(1.0)
+    assert module.step_change(before, after, relative=True) == pytest.approx(0.4)
 
 
 def test_pearl_init_stats_earlier_mlp_bounds_at_init_only(capsys):
