@@ -75,6 +75,10 @@ def test_pearl_init_stats_reports_init_and_saturation_rows(capsys):
                                 "change) | Q1's first layer weights")  # fmt: skip
         assert sorted(steps) == ["1-1", "2-2"], out
         assert all(0 < float(v) < math.inf for row in steps.values() for v in row), out
+        if not embedding:  # Adam's first step moves every weight by the lr (3e-4); the layers are U(+-1/sqrt(300)),
+            # rms 1/30, so the first step's relative change of the policy's and Q1's first layers is 3e-4 * 30
+            assert float(steps["1-1"][0]) == pytest.approx(9e-3, rel=0.03)
+            assert float(steps["1-1"][2]) == pytest.approx(9e-3, rel=0.03)
 
 
 def test_pearl_init_stats_step_change_is_the_rms_change_relative_or_absolute():
