@@ -199,3 +199,51 @@ def test_critic_bias_refuses_a_foreign_file(tmp_path, capsys):
     torch.save({"format": "something_else/1", "weights": torch.zeros(2)}, path)
     with pytest.raises(SystemExit, match="not a checkpoint of hyper_sac.py or hyper_td3.py"):
         run_benchmark("critic_bias", [path], capsys)
+
+
+TINY_TWIN = ["--hyper-embedding-dim", "16", "--hyper-blocks", "1", "--hyper-dynamic-hidden", "8", "--batch-size", "8"]
+
+
+def twin_setup(twin, argv: list) -> tuple:
+    """twin_critics.build at tiny sizes, every weight then moved by noise: the init's zero head biases and gains
+    would hide a variant that drops or swaps them."""
+    _, critics, obs, act = twin.build(tyro.cli(twin.Bench, args=argv))
+    with torch.no_grad():
+        for p in (p for q in critics for p in q.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    return critics, obs, act
+
+
+@pytest.mark.parametrize("critic", ["sa-hyper", "mlp"])
+def test_twin_critics_stacked_network_computes_both_critics(critic):
+    """The stacked module's k-th slice is critic k: its values, and the gradients of its weight slices."""
+    twin = load_benchmark("twin_critics")
+    critics, obs, act = twin_setup(twin, ["--critic", critic, *TINY_TWIN])
+    for in_out in (False, True):
+        stacked = twin.stack_critics(critics, in_out)
+        values = twin.stacked_values(stacked, obs, act)
+        values.sum().backward()
+        for k, q in enumerate(critics):
+            torch.testing.assert_close(values[k], q(obs, act), rtol=1e-5, atol=1e-6)
+            q.zero_grad()
+            q(obs, act).sum().backward()
+            first = next(m for m in stacked.modules() if isinstance(m, twin.StackedLinear))
+            grad = first.weight.grad[k].T if in_out else first.weight.grad[k]
+            torch.testing.assert_close(grad, next(m for m in q.modules() if isinstance(m, torch.nn.Linear)).weight.grad)
+
+
+def test_twin_critics_every_variant_matches_the_separate_critics(capsys):
+    """Each variant's values and every weight gradient agree with the two separate critics' up to rounding, and the
+    table has a row per variant at each thread count."""
+    twin = load_benchmark("twin_critics")
+    critics, obs, act = twin_setup(twin, TINY_TWIN)
+    variants = twin.make_variants(critics)
+    assert list(variants) == ["separate", "stacked (n, out, in)", "stacked (n, in, out)", "fused heads",
+                              "stacked (n, in, out) + fused heads"]  # fmt: skip
+    for name, (dq, dg) in twin.differences(variants, obs, act).items():
+        assert dq < 1e-5 and dg < 1e-5, name
+    out = run_benchmark("twin_critics", [*TINY_TWIN, "--threads", "1", "2", "--repeats", "1", "--warmup", "0"], capsys)
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| \S+ \| \S+ \|$", out, re.MULTILINE)
+    assert [name for name, *_ in rows] == list(variants) * 2, out
+    assert all(float(ratio) == pytest.approx(float(ms) / float(rows[5 * (i // 5)][1]), rel=0.05)
+               for i, (_, ms, ratio) in enumerate(rows)), out  # fmt: skip
