@@ -85,9 +85,13 @@ Where the time goes. One more step runs under `OpTimer`, a TorchDispatchMode tha
 backward: `matmul` is the time inside the matmul ops (and their GFLOP/s, the FLOPs over that time), `Polyak` inside
 the target updates (`torch._foreach_lerp_` outside an optimizer step); `Adam` is the wall time of the optimizer steps
 (torch.optim's global step hooks) in a further step without the timer, and `other` the timed median minus those
-three: elementwise ops, the non-finite guards, autograd and Python overhead. --profile also prints the top ops by
-time. Not torch.profiler: MAML's meta-update runs over a million ops at paper size, and torch.profiler's event list
-for that takes minutes and gigabytes to build.
+three: elementwise ops, the non-finite guards, autograd and Python overhead. `page faults` and `system ms` are the
+minor page faults and the system CPU time of the process (getrusage) during the OpTimer step. A fault is a page of
+fresh memory the allocator took from the OS, which the kernel zeroes on first touch; near zero faults means the
+update's tensors reuse memory the allocator already holds. System time is the kernel's work for the faults plus, at 2
+threads, for putting the second thread to sleep and waking it, so it bounds what allocations cost from above. --profile also prints the top
+ops by time. Not torch.profiler: MAML's meta-update runs over a million ops at paper size, and torch.profiler's event
+list for that takes minutes and gigabytes to build.
 
 MLP path vs a baseline (only with --baseline-cmd). The project's command (--ours-cmd; default hyper_sac.py --critic
 mlp on HalfCheetah-v4, 5000 random steps then 2000 SAC updates: --learning-starts 5000 --total-timesteps 7000, no
@@ -111,6 +115,11 @@ import subprocess
 import sys
 import tempfile
 import time
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -436,20 +445,31 @@ def optimizer_steps(timer: Optional[OpTimer] = None):
             handle.remove()
 
 
+def kernel_work() -> tuple:
+    """(minor page faults, system CPU seconds) of this process so far; nan where the OS does not report them."""
+    if resource is None:
+        return float("nan"), float("nan")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
 def time_breakdown(workload: Workload) -> tuple[dict, OpTimer]:
-    """ms per update in matmuls, Adam and Polyak, and the op timer of the step that measured them. One step under
-    OpTimer gives the matmul and Polyak times; Adam's is its optimizer steps' wall time in a second step without the
-    timer (whose per-op overhead would inflate Adam's many small ops)."""
+    """Per update: ms in matmuls, Adam and Polyak, and the minor page faults and system CPU ms of memory the
+    allocator takes from the OS; with the op timer of the step that measured them. One step under OpTimer gives the
+    matmul and Polyak times and the kernel's work; Adam's is its optimizer steps' wall time in a second step without
+    the timer (whose per-op overhead would inflate Adam's many small ops)."""
     workload.reset()
+    faults, system = kernel_work()
     with OpTimer() as timer, optimizer_steps(timer) as adam:
         workload.step()
+    faults, system = (after - before for after, before in zip(kernel_work(), (faults, system)))
     if adam["steps"]:
         workload.reset()
         with optimizer_steps() as adam:
             workload.step()
     matmul = sum(ms for name, ms in timer.ms.items() if name in MATMUL_OPS)
-    parts = {"matmul": matmul, "Adam": adam["ms"], "Polyak": timer.polyak_ms}
-    return {part: ms / workload.updates_per_step for part, ms in parts.items()}, timer
+    parts = {"matmul": matmul, "Adam": adam["ms"], "Polyak": timer.polyak_ms, "faults": faults, "system": 1000 * system}
+    return {part: value / workload.updates_per_step for part, value in parts.items()}, timer
 
 
 def print_top_ops(timer: OpTimer, updates: int, rows: int = 15) -> None:
@@ -503,9 +523,9 @@ def measure_row(bench: Bench, workload: Workload, flops: float, threads: int) ->
     roofline = [f"{flops / 1e9:.4g}", f"{ms:.1f}", f"{achieved:.3g}", f"{peak:.1f}", f"{ratio:.2f}"]
     parts, timer = time_breakdown(workload)
     matmul_rate = flops / (parts["matmul"] / 1000) / 1e9 if parts["matmul"] else float("nan")
-    other = ms - sum(parts.values())
+    other = ms - parts["matmul"] - parts["Adam"] - parts["Polyak"]
     breakdown = [f"{parts['matmul']:.2f}", f"{matmul_rate:.3g}", f"{parts['Adam']:.2f}", f"{parts['Polyak']:.2f}",
-                 f"{other:.2f}"]  # fmt: skip
+                 f"{other:.2f}", f"{parts['faults']:.0f}", f"{parts['system']:.2f}"]  # fmt: skip
     if bench.profile:
         print(f"\ntop ops of {workload.name} at threads={threads} (OpTimer, one step):")
         print_top_ops(timer, workload.updates_per_step)
@@ -531,9 +551,10 @@ def measure_updates(bench: Bench) -> None:
           f"after {bench.warmup} warm-up steps; time / roofline: median over the steps of time / (FLOPs / the peak "
           f"before that step)):")  # fmt: skip
     print_table(["update", "threads", "GFLOP", "ms", "GFLOP/s", "peak GFLOP/s", "time / roofline"], roofline)
-    print("\nwhere the time goes, ms per update (OpTimer and optimizer hooks; other = timed ms - matmul - Adam - "
-          "Polyak):")  # fmt: skip
-    print_table(["update", "threads", "matmul ms", "matmul GFLOP/s", "Adam ms", "Polyak ms", "other ms"], breakdown)
+    print("\nwhere the time goes, per update (OpTimer and optimizer hooks; other = timed ms - matmul - Adam - Polyak; "
+          "page faults and system ms: memory taken from the OS, in the OpTimer step):")  # fmt: skip
+    print_table(["update", "threads", "matmul ms", "matmul GFLOP/s", "Adam ms", "Polyak ms", "other ms", "page faults",
+                 "system ms"], breakdown)  # fmt: skip
 
 
 def default_ours_cmd() -> list:

@@ -5,6 +5,7 @@ heads). Neither is in the scripts; docs/speed.md records what they measured.
     python benchmarks/twin_critics.py                          # SA-Hyper at paper sizes, batch 256, threads 1 and 2
     python benchmarks/twin_critics.py --batch-size 100         # TD3's batch
     python benchmarks/twin_critics.py --critic mlp --repeats 300
+    python benchmarks/twin_critics.py --threads 2 --repeats 3 --profile   # where each variant's time goes
 
 Every variant computes the same function from the same weights: Q1(s, a) and Q2(s, a) of two critics built by
 hyper_sac.make_critic (SA-Hyper or MLP-Standard at the script's default sizes, or the sizes given; HalfCheetah shapes
@@ -21,7 +22,7 @@ forward pass, the actor step through the frozen critics, Adam and Polyak). Varia
 Before timing, each variant's values and weight gradients are compared with separate's: the largest absolute
 difference over the largest absolute value, float rounding only, since the matmuls sum in a different order. Timing
 alternates the variants, one unit each per round, --repeats rounds after --warmup, and reports each variant's median
-and its ratio to separate's median, per thread count.
+and its ratio to separate's median, per thread count. --profile adds each variant's most expensive aten ops.
 """
 
 import copy
@@ -62,6 +63,8 @@ class Bench:
     """dynamic hidden layer width; None: hyper_sac.py's (256)"""
     seed: int = 0
     """seed of the critics and the synthetic batch"""
+    profile: bool = False
+    """also print each variant's top aten ops (torch.profiler, --repeats units) at each thread count"""
 
 
 class StackedLinear(nn.Module):
@@ -202,6 +205,16 @@ def time_variants(variants: dict, obs, act, bench: Bench) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def print_top_ops(variants: dict, obs, act, units: int, rows: int = 6) -> None:
+    """Self CPU ms per unit of each variant's most expensive aten ops."""
+    for name, (modules, values) in variants.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(units):
+                unit(modules, values, obs, act)
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+        print(f"{name}: " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1000 / units:.1f}" for e in ops))
+
+
 def build(bench: Bench) -> tuple:
     """The two critics (as hyper_sac.SAC builds them) and a synthetic batch."""
     torch.manual_seed(bench.seed)
@@ -236,6 +249,9 @@ def main(bench: Bench) -> None:
         for name, seconds in medians.items():
             dq, dg = diffs[name]
             print(f"| {name} | {1e3 * seconds:.2f} | {seconds / medians['separate']:.3f} | {dq:.1e} | {dg:.1e} |")
+        if bench.profile:
+            print(f"\nself CPU ms per unit of the top ops, threads {threads}:")
+            print_top_ops(variants, obs, act, bench.repeats)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 

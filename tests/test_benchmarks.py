@@ -117,15 +117,17 @@ def test_roofline_prints_a_row_per_update(capsys):
     out = run_benchmark("roofline", TINY_ROOFLINE, capsys)
     updates = ["sac", "sac_reuse", "td3", "grad_probe", "pearl", "maml"]
     roofline = table_rows(out, "update | threads | GFLOP | ms | GFLOP/s | peak GFLOP/s | time / roofline")
-    breakdown = table_rows(out, "update | threads | matmul ms | matmul GFLOP/s | Adam ms | Polyak ms | other ms")
+    breakdown = table_rows(out, "update | threads | matmul ms | matmul GFLOP/s | Adam ms | Polyak ms | other ms | "
+                                "page faults | system ms")
     assert list(roofline) == updates and list(breakdown) == updates, out
     for name in updates:
         threads, *values = roofline[name]
         assert threads == "1" and all(float(v) > 0 and math.isfinite(float(v)) for v in values), roofline[name]
         gflop, ms, _, peak, ratio = map(float, values)
         assert ratio == pytest.approx(ms / 1000 / (gflop / peak), rel=0.02)  # time / roofline time
-        matmul_ms, _, adam_ms, polyak_ms, _ = map(float, breakdown[name][1:])
+        matmul_ms, _, adam_ms, polyak_ms, _, faults, system_ms = map(float, breakdown[name][1:])
         assert matmul_ms > 0 and (adam_ms > 0) == (name != "maml") and polyak_ms >= 0  # MAML: TRPO, no Adam
+        assert faults >= 0 and system_ms >= 0
     for name in ("sac", "sac_reuse", "td3", "grad_probe"):  # the hand formula agrees with FlopCounterMode
         assert re.search(rf"^{name}: .* hand formula \S+ \(x1\.0000\)$", out, re.MULTILINE), out
     assert re.search(r"^maml: .*(line search accepted step \d+|no step taken)", out, re.MULTILINE), out
@@ -242,8 +244,11 @@ def test_twin_critics_every_variant_matches_the_separate_critics(capsys):
                               "stacked (n, in, out) + fused heads"]  # fmt: skip
     for name, (dq, dg) in twin.differences(variants, obs, act).items():
         assert dq < 1e-5 and dg < 1e-5, name
-    out = run_benchmark("twin_critics", [*TINY_TWIN, "--threads", "1", "2", "--repeats", "1", "--warmup", "0"], capsys)
+    argv = [*TINY_TWIN, "--threads", "1", "2", "--repeats", "1", "--warmup", "0", "--profile"]
+    out = run_benchmark("twin_critics", argv, capsys)
     rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| \S+ \| \S+ \|$", out, re.MULTILINE)
     assert [name for name, *_ in rows] == list(variants) * 2, out
+    profiled = re.findall(r"^(.+?): aten::\w+ [\d.]+", out, re.MULTILINE)
+    assert profiled == list(variants) * 2, out
     assert all(float(ratio) == pytest.approx(float(ms) / float(rows[5 * (i // 5)][1]), rel=0.05)
                for i, (_, ms, ratio) in enumerate(rows)), out  # fmt: skip
