@@ -89,9 +89,9 @@ three: elementwise ops, the non-finite guards, autograd and Python overhead. `pa
 minor page faults and the system CPU time of the process (getrusage) during the OpTimer step. A fault is a page of
 fresh memory the allocator took from the OS, which the kernel zeroes on first touch; near zero faults means the
 update's tensors reuse memory the allocator already holds. System time is the kernel's work for the faults plus, at 2
-threads, for putting the second thread to sleep and waking it, so it bounds what allocations cost from above. --profile also prints the top
-ops by time. Not torch.profiler: MAML's meta-update runs over a million ops at paper size, and torch.profiler's event
-list for that takes minutes and gigabytes to build.
+threads, for putting the second thread to sleep and waking it, so it bounds what allocations cost from above.
+--profile also prints the top ops by time. Not torch.profiler: MAML's meta-update runs over a million ops at paper
+size, and torch.profiler's event list for that takes minutes and gigabytes to build.
 
 MLP path vs a baseline (only with --baseline-cmd). The project's command (--ours-cmd; default hyper_sac.py --critic
 mlp on HalfCheetah-v4, 5000 random steps then 2000 SAC updates: --learning-starts 5000 --total-timesteps 7000, no
