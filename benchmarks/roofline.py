@@ -28,6 +28,8 @@ collected ones; that changes the weights, not the work.
   critics), actor step through the frozen critics, alpha step, Polyak update of both target critics.
 - sac_reuse: the same with --reuse-critic-weights: the actor step runs only the dynamic networks that the critic step
   generated for the same states (a change of update order, off by default; docs/hyper_sac.md).
+- sac_mlp: the same SAC update with --critic mlp (MLP-Standard, 2x256): the MLP path's update, for reference, not a
+  hypernetwork.
 - td3: `hyper_td3.TD3(args, ...).update`, batch 100. One timed step is a full policy-delay cycle, --policy-frequency
   (2) consecutive updates (two critic steps, one actor step through the frozen Q1, the Polyak updates of the three
   targets); FLOPs and time are reported per update, i.e. averaged over the cycle.
@@ -138,8 +140,8 @@ import hyper_pearl  # noqa: E402
 import hyper_sac  # noqa: E402
 import hyper_td3  # noqa: E402
 
-UpdateName = Literal["sac", "sac_reuse", "td3", "grad_probe", "pearl", "maml"]
-UPDATES: tuple = ("sac", "sac_reuse", "td3", "grad_probe", "pearl", "maml")
+UpdateName = Literal["sac", "sac_reuse", "sac_mlp", "td3", "grad_probe", "pearl", "maml"]
+UPDATES: tuple = ("sac", "sac_reuse", "sac_mlp", "td3", "grad_probe", "pearl", "maml")
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah-v4
 ACTOR_HIDDEN = 256  # the SAC and TD3 actors are 256-256 MLPs
 MATMUL_OPS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.addbmm", "aten._addmm_activation"}
@@ -263,16 +265,17 @@ def sizes_text(args) -> str:
     return f"hyper {args.hyper_embedding_dim}/{args.hyper_blocks}/{args.hyper_dynamic_hidden}"
 
 
-def build_sac(bench: Bench, reuse: bool = False) -> Workload:
+def build_sac(bench: Bench, reuse: bool = False, critic: str = "sa-hyper") -> Workload:
     flag = {"reuse_critic_weights": True} if reuse else {}  # not set otherwise: runs on revisions before the flag
-    args = with_sizes(hyper_sac.Args(), bench, batch_size=bench.batch_size, **flag)
+    args = with_sizes(hyper_sac.Args(critic=critic), bench, batch_size=bench.batch_size, **flag)
     agent = hyper_sac.SAC(args, OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), None, "cpu")
     batch = replay_batch(args.batch_size)
+    what = f"hyper_sac.SAC.update, critic {args.critic}, batch {args.batch_size}"
+    if critic == "mlp":
+        return Workload("sac_mlp", what, lambda: agent.update(*batch))
     hand = sac_update_flops(OBS_DIM, ACT_DIM, args.batch_size, args.hyper_embedding_dim, args.hyper_blocks,
                             args.hyper_dynamic_hidden, reuse)  # fmt: skip
-    what = f"hyper_sac.SAC.update, critic {args.critic}, batch {args.batch_size}, {sizes_text(args)}"
-    if reuse:
-        what += ", --reuse-critic-weights"
+    what += f", {sizes_text(args)}" + (", --reuse-critic-weights" if reuse else "")
     return Workload("sac_reuse" if reuse else "sac", what, lambda: agent.update(*batch), hand_flops=hand)
 
 
@@ -357,8 +360,9 @@ def build_maml(bench: Bench) -> Workload:
     return Workload("maml", what, step, reset=lambda: policy.load_state_dict(initial), notes=notes)
 
 
-BUILDERS = {"sac": build_sac, "sac_reuse": functools.partial(build_sac, reuse=True), "td3": build_td3,
-            "grad_probe": build_grad_probe, "pearl": build_pearl, "maml": build_maml}  # fmt: skip
+BUILDERS = {"sac": build_sac, "sac_reuse": functools.partial(build_sac, reuse=True),
+            "sac_mlp": functools.partial(build_sac, critic="mlp"), "td3": build_td3, "grad_probe": build_grad_probe,
+            "pearl": build_pearl, "maml": build_maml}  # fmt: skip
 
 
 # --- measurements ---

@@ -115,7 +115,7 @@ def table_rows(stdout: str, header: str) -> dict:
 
 def test_roofline_prints_a_row_per_update(capsys):
     out = run_benchmark("roofline", TINY_ROOFLINE, capsys)
-    updates = ["sac", "sac_reuse", "td3", "grad_probe", "pearl", "maml"]
+    updates = ["sac", "sac_reuse", "sac_mlp", "td3", "grad_probe", "pearl", "maml"]
     roofline = table_rows(out, "update | threads | GFLOP | ms | GFLOP/s | peak GFLOP/s | time / roofline")
     breakdown = table_rows(out, "update | threads | matmul ms | matmul GFLOP/s | Adam ms | Polyak ms | other ms | "
                                 "page faults | system ms")
