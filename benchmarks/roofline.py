@@ -478,7 +478,9 @@ def time_breakdown(workload: Workload) -> tuple[dict, OpTimer]:
 
 def print_top_ops(timer: OpTimer, updates: int, rows: int = 15) -> None:
     total = sum(timer.ms.values())
-    print(f"op | calls per update | ms per update | share of the ops' time (total {total / updates:.1f} ms)")
+    calls = sum(timer.calls.values()) / updates
+    print(f"op | calls per update | ms per update | share of the ops' time (total {total / updates:.1f} ms in "
+          f"{calls:g} calls)")
     for name, ms in timer.ms.most_common(rows):
         print(f"{name} | {timer.calls[name] / updates:g} | {ms / updates:.2f} | {100 * ms / total:.1f}%")
 
