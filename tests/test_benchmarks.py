@@ -252,3 +252,89 @@ def test_twin_critics_every_variant_matches_the_separate_critics(capsys):
     assert profiled == list(variants) * 2, out
     assert all(float(ratio) == pytest.approx(float(ms) / float(rows[5 * (i // 5)][1]), rel=0.05)
                for i, (_, ms, ratio) in enumerate(rows)), out  # fmt: skip
+
+
+TINY_PEARL_RUN = ["--env-id", "HalfCheetahVel", "--model", "mlp", "--num-iterations", "1", "--num-train-tasks", "3",
+                  "--num-test-tasks", "2", "--num-initial-steps", "200", "--num-steps-prior", "200",
+                  "--num-extra-rl-steps-posterior", "0", "--num-tasks-sample", "1", "--num-train-steps-per-itr", "3",
+                  "--meta-batch", "2", "--batch-size", "16", "--embedding-batch-size", "8",
+                  "--num-steps-per-eval", "400", "--net-size", "16", "--encoder-hidden", "16",
+                  "--checkpoint-freq", "1"]  # fmt: skip
+TINY_INFERENCE = ["--contexts", "3", "--context-size", "8", "--states", "8", "--z-samples", "3",
+                  "--random-actions", "5"]
+
+
+@pytest.fixture(scope="module")
+def pearl_checkpoint(tmp_path_factory):
+    """A checkpoint of a one-iteration PEARL run at tiny sizes."""
+    cwd = tmp_path_factory.mktemp("pearl")
+    run_script(os.path.join(ROOT, "hyper_pearl.py"), TINY_PEARL_RUN, cwd)
+    (checkpoint,) = glob.glob(os.path.join(cwd, "runs", "*", "checkpoint.pt"))
+    return checkpoint
+
+
+def test_pearl_task_inference_reads_a_checkpoint(pearl_checkpoint, capsys):
+    out = run_benchmark("pearl_task_inference", [pearl_checkpoint, *TINY_INFERENCE], capsys)
+    assert re.search(r"mlp, iteration 1, tasks 0 / 1 = \S+ / \S+$", out, re.MULTILINE), out
+    assert re.search(r"^encoder: between \S+, within \S+, posterior std \S+$", out, re.MULTILINE), out
+    for name in ("policy action", "Q1"):
+        (row,) = re.findall(rf"^{name} \| (\S+) \| (\S+) \| (\S+) \| (\S+)$", out, re.MULTILINE)
+        assert all(math.isfinite(float(v)) and float(v) >= 0 for v in row), out
+    tasks = re.findall(r"^([01]) \| (\S+) \| (\S+) \| (\S+) \| (\S+)$", out, re.MULTILINE)
+    assert [t[0] for t in tasks] == ["0", "1"], out
+    assert all(float(best) >= 0 and 0 <= float(frac) <= 1 for _, _, best, frac, _ in tasks), out
+
+
+def test_pearl_task_inference_z_use_is_zero_for_networks_blind_to_z(pearl_checkpoint):
+    """Zeroing the z columns of the policy's and Q1's first layers leaves them blind to z: every change is exactly 0,
+    where the trained networks change. A Q1 blind to the action gives the policy's action exactly the random actions'
+    value, so it "beats" all of them on every state."""
+    inference = load_benchmark("pearl_task_inference")
+    bench = tyro.cli(inference.Bench, args=[pearl_checkpoint, *TINY_INFERENCE])
+    _, _, agent, encoder_buffer, rl_buffer, _ = inference.load(pearl_checkpoint)
+    rng = np.random.default_rng(0)
+    q_a, q_b = (inference.posteriors(agent, encoder_buffer, task, bench, rng) for task in (0, 1))
+    batch = rl_buffer.sample_batch([0], 8, rng)
+    obs, actions = batch.obs[0], batch.actions[0]
+    obs_dim, act_dim = obs.shape[-1], actions.shape[-1]
+    functions = {"policy": lambda: inference.policy_action(agent, obs),
+                 "Q1": lambda: inference.q1_value(agent, obs, actions)}
+    for name, f in functions.items():
+        figures = inference.z_use(f(), q_a, q_b, 3)
+        assert all(figures[k] > 0 for k in ("between tasks", "within task", "posterior sample")), (name, figures)
+    with torch.no_grad():
+        agent.policy.body[0].weight[:, obs_dim:] = 0
+        agent.qf1.body[0].weight[:, obs_dim + act_dim:] = 0
+    for name, f in functions.items():
+        figures = inference.z_use(f(), q_a, q_b, 3)
+        assert figures["between tasks"] == figures["within task"] == figures["posterior sample"] == 0, (name, figures)
+    generator = torch.Generator().manual_seed(0)
+    trained = inference.actor_against_q1(agent, obs, q_a.loc[0], 5, generator)
+    assert trained["best random"] > 0 and trained["policy beats all"] < 1, trained
+    with torch.no_grad():
+        agent.qf1.body[0].weight[:, obs_dim:obs_dim + act_dim] = 0
+    blind = inference.actor_against_q1(agent, obs, q_a.loc[0], 5, generator)
+    assert blind == {"policy": 0.0, "best random": 0.0, "policy beats all": 1.0}, blind
+
+
+def test_pearl_task_inference_encoder_figures():
+    inference = load_benchmark("pearl_task_inference")
+    normal = torch.distributions.Normal
+    q_a = normal(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([[0.1, 0.1], [0.1, 0.1]]))
+    q_b = normal(torch.tensor([[0.0, 3.0], [0.0, 5.0]]), torch.tensor([[0.3, 0.3], [0.3, 0.3]]))
+    figures = inference.encoder_figures(q_a, q_b)  # task means (1, 0) and (0, 4); every mean 1 from its task's
+    assert figures == pytest.approx({"between": math.sqrt(17), "within": 1.0, "posterior std": 0.2})
+
+
+def test_pearl_task_inference_z_use_moves_z_from_the_first_context_of_task_a():
+    """With f(z) = z on two 'states', each change is the rms difference of the z it moves to."""
+    inference = load_benchmark("pearl_task_inference")
+    normal = torch.distributions.Normal
+    q_a = normal(torch.tensor([[1.0, 1.0], [1.0, 3.0]]), torch.tensor([[0.5, 0.5], [1.0, 1.0]]))
+    q_b = normal(torch.tensor([[5.0, 1.0], [9.0, 9.0]]), torch.ones(2, 2))
+    torch.manual_seed(0)
+    figures = inference.z_use(lambda z: torch.stack([z, z]), q_a, q_b, 4000)
+    assert figures["between tasks"] == pytest.approx(math.sqrt(16 / 2))  # (4, 0) over 2 entries
+    assert figures["within task"] == pytest.approx(math.sqrt(4 / 2))  # (0, 2)
+    assert figures["posterior sample"] == pytest.approx(0.5, rel=0.05)  # the first posterior's std
+    assert figures["std over states"] == pytest.approx(0.0)
