@@ -108,9 +108,16 @@ def z_use(f, q_a, q_b, z_samples: int) -> dict:
             "std over states": start.std().item()}  # fmt: skip
 
 
+def deterministic_action(policy, obs, z):
+    """tanh(mean) at each state (states, obs_dim) for one z (latent,), (states, act_dim). The policy's dynamic weights
+    (Hyper-PEARL) depend on z only, so they are generated once for all the states."""
+    mean, _ = policy.dist_params_with_weights(policy.task_weights(z.view(1, -1)), obs.unsqueeze(0))
+    return torch.tanh(mean[0])
+
+
 def policy_action(agent, obs):
     """z (latent,) -> the deterministic action tanh(mean) at each state, (states, act_dim)."""
-    return lambda z: torch.tanh(agent.policy.dist_params(obs, z.expand(len(obs), -1))[0])
+    return lambda z: deterministic_action(agent.policy, obs, z)
 
 
 def q1_value(agent, obs, actions):
@@ -122,10 +129,10 @@ def q1_value(agent, obs, actions):
 def actor_against_q1(agent, obs, z, random_actions: int, generator: torch.Generator) -> dict:
     """Q1 at the policy's deterministic action and at the best of uniform random actions, relative to the random
     actions' mean, and the fraction of states where the policy's action is at least as good as every random one."""
+    action = deterministic_action(agent.policy, obs, z)
     z = z.expand(len(obs), -1)
-    policy = agent.qf1(obs, torch.tanh(agent.policy.dist_params(obs, z)[0]), z).squeeze(-1)
-    act_dim = agent.policy.dist_params(obs[:1], z[:1])[0].shape[-1]
-    uniform = torch.rand(random_actions, len(obs), act_dim, generator=generator) * 2 - 1
+    policy = agent.qf1(obs, action, z).squeeze(-1)
+    uniform = torch.rand(random_actions, *action.shape, generator=generator) * 2 - 1
     random = torch.stack([agent.qf1(obs, a, z).squeeze(-1) for a in uniform])
     mean, best = random.mean(0), random.max(0).values
     return {"policy": (policy - mean).mean().item(), "best random": (best - mean).mean().item(),

@@ -308,9 +308,19 @@ def test_pearl_task_inference_z_use_is_zero_for_networks_blind_to_z(pearl_checkp
     for name, f in functions.items():
         figures = inference.z_use(f(), q_a, q_b, 3)
         assert figures["between tasks"] == figures["within task"] == figures["posterior sample"] == 0, (name, figures)
+    with torch.no_grad():  # the one-iteration policy's means are ~1e-3, where tanh is the identity: widen them
+        agent.policy.mean.weight.mul_(1000.0)
+        agent.policy.mean.bias.mul_(1000.0)
     generator = torch.Generator().manual_seed(0)
     trained = inference.actor_against_q1(agent, obs, q_a.loc[0], 5, generator)
     assert trained["best random"] > 0 and trained["policy beats all"] < 1, trained
+    with torch.no_grad():  # the same figures the plain way: per-row policy, the same random actions
+        z = q_a.loc[0].expand(len(obs), -1)
+        policy_q = agent.qf1(obs, torch.tanh(agent.policy.dist_params(obs, z)[0]), z).squeeze(-1)
+        uniform = torch.rand(5, len(obs), act_dim, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        random_q = torch.stack([agent.qf1(obs, a, z).squeeze(-1) for a in uniform])
+    assert trained["policy"] == pytest.approx((policy_q - random_q.mean(0)).mean().item(), rel=1e-5)
+    assert trained["best random"] == pytest.approx((random_q.max(0).values - random_q.mean(0)).mean().item(), rel=1e-5)
     with torch.no_grad():
         agent.qf1.body[0].weight[:, obs_dim:obs_dim + act_dim] = 0
     blind = inference.actor_against_q1(agent, obs, q_a.loc[0], 5, generator)
